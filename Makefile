@@ -1,0 +1,19 @@
+# `make demo` and `make test` set up .venv by themselves (scripts/setup_env.sh).
+PY := .venv/bin/python
+K ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lock bench
+
+setup:
+	@bash scripts/setup_env.sh
+
+# make test K="matcher or criterion"  runs a -k selection; PYTEST_ARGS="-x -vv" passes anything else.
+test: setup
+	$(PY) -m pytest tests $(if $(K),-k "$(K)") $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) tools/run_demo.py $(DEMO_ARGS)
+
+lock: setup
+	{ head -n 2 requirements.lock; $(PY) -m pip freeze --exclude-editable; } > requirements.lock.new && mv requirements.lock.new requirements.lock

@@ -1,0 +1,69 @@
+"""Configuration keys of ISDA. Defaults reproduce the authors' released code (isda_r50_3x_coco)."""
+from detectron2.config import CfgNode as CN
+
+MFR_COORD_MODES = ("p5_input", "none", "output")
+KERNEL_REF_ENCODINGS = ("logit", "unit", "signed")
+MASK_LOSSES = ("dice", "iou")
+GT_DOWNSAMPLE_MODES = ("bilinear", "nearest")
+MFR_STRIDES = (2, 4, 8)
+
+
+def add_isda_config(cfg):
+    """Adds MODEL.ISDA.*, the ISDA input augmentation and solver keys to a Detectron2 config."""
+    cfg.MODEL.ISDA = CN()
+    m = cfg.MODEL.ISDA
+    m.NUM_CLASSES = 80  # K: foreground classes (sigmoid/focal, no background logit)
+    m.IN_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone outputs C2..C5 fed to the neck
+    m.HIDDEN_DIM = 256  # d_model: width of the neck, transformer and queries
+    m.NUM_QUERIES = 300  # number of object queries
+    m.ENC_LAYERS = 6  # deformable encoder layers
+    m.DEC_LAYERS = 6  # deformable decoder layers (each one predicts classes, kernels and masks)
+    m.NHEADS = 8  # attention heads M
+    m.DIM_FEEDFORWARD = 1024  # FFN hidden width
+    m.DROPOUT = 0.1  # dropout in attention outputs and FFNs
+    m.ENC_N_POINTS = 4  # sampling points P per head and level, encoder
+    m.DEC_N_POINTS = 4  # sampling points P per head and level, decoder cross-attention
+    m.NUM_FEATURE_LEVELS = 4  # transformer levels: 4 = P3..P6 (P6 from C5), 3 = P3..P5
+    m.POS_ENC_OFFSET = -0.5  # offset added to the cumulative sine-encoding coordinate (0.0 = DETR)
+    m.WITH_BOX_REFINE = False  # Deformable-DETR box refinement: needs a box branch; must stay False
+    m.TWO_STAGE = False  # Deformable-DETR two-stage proposals: needs a box branch; must stay False
+    m.MSDA_IMPL = ""  # deformable-attention op: "" automatic, or "reference" / "cpu" / "cuda"
+
+    m.MFR_STRIDE = 4  # stride of the mask feature representation F (paper Table 1: 8, 4, 2)
+    m.MFR_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # neck levels fused into F
+    m.MFR_INNER_DIM = 128  # width inside the mask feature head
+    m.MFR_OUT_DIM = 256  # channels of F = length of each dynamic kernel
+    m.MFR_COORD = "p5_input"  # MP: "p5_input" (released code), "none", or "output" (coords on F)
+
+    m.KERNEL_REF = True  # KP: kernel = FFN output (MFR_OUT_DIM - 2) ++ encoded reference point (2)
+    m.KERNEL_REF_ENCODING = "logit"  # how r enters the kernel: "logit" (code), "unit" [0,1], "signed" [-1,1]
+    m.KERNEL_REF_DETACH = False  # stop the mask loss from moving the reference points
+    m.KERNEL_FFN_LAYERS = 2  # hidden Linear+ReLU layers of the kernel FFN before its output layer
+    m.SHARE_HEADS_ACROSS_LAYERS = True  # one class FFN and one kernel FFN for all decoder layers
+    m.DEEP_SUPERVISION = True  # supervise every decoder layer with equal weight (else the last only)
+
+    m.CLASS_WEIGHT = 2.0  # lambda_cls, focal loss weight (paper: 1.0)
+    m.MASK_WEIGHT = 3.0  # lambda_mask, mask loss weight
+    m.MASK_LOSS = "dice"  # "dice" (squared V-Net dice, code) or "iou" (soft 1 - IoU, paper)
+    m.FOCAL_ALPHA = 0.25  # focal loss / cost alpha
+    m.FOCAL_GAMMA = 2.0  # focal loss / cost gamma
+    m.COST_CLASS = 2.0  # matching weight of the focal class cost
+    m.COST_MASK = 3.0  # matching weight of the soft mask-IoU cost
+    m.GT_DOWNSAMPLE = "bilinear"  # GT masks to F's resolution: "bilinear" (soft, code) or "nearest"
+
+    m.TEST = CN()
+    m.TEST.MAX_PER_IMAGE = 100  # top-k over the query x class scores
+    m.TEST.MASK_THRESHOLD = 0.5  # binarisation threshold of mask probabilities
+    m.TEST.MASKNESS = True  # rescore by the mean probability inside the binary mask (SOLOv2)
+    m.TEST.SCORE_THRESHOLD = 0.0  # drop detections scoring below this (0 keeps all for COCO AP)
+
+    # Training augmentation (DETR recipe, spec section 7): with probability 1/2 the image is first
+    # resized (short side from CROP_PRE_RESIZE) and cropped (INPUT.CROP), then resized as usual.
+    cfg.INPUT.ISDA = CN()
+    cfg.INPUT.ISDA.CROP_PRE_RESIZE = [400, 500, 600]  # short-side choices before the random crop
+    cfg.INPUT.ISDA.CROP_PRE_MAX_SIZE = 4200  # long-side limit of that first resize
+
+    # AdamW with lr multipliers by parameter-name substring (mmcv custom_keys).
+    cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
+    cfg.SOLVER.LR_MULTIPLIER_NAMES = ["backbone", "sampling_offsets", "reference_points"]
+    cfg.SOLVER.LR_MULTIPLIER = 0.1  # lr factor of parameters whose name contains one of the above
