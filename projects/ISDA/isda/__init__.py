@@ -2,6 +2,7 @@
 
 Importing the package registers the ``ISDA`` meta-architecture with Detectron2.
 """
+
 from .config import add_isda_config
 from . import modeling  # noqa: F401  (registers META_ARCH "ISDA")
 

@@ -1,4 +1,5 @@
 """Configuration keys of ISDA. Defaults reproduce the authors' released code (isda_r50_3x_coco)."""
+
 from detectron2.config import CfgNode as CN
 
 MFR_COORD_MODES = ("p5_input", "none", "output")
@@ -32,15 +33,23 @@ def add_isda_config(cfg):
     m.MFR_STRIDE = 4  # stride of the mask feature representation F (paper Table 1: 8, 4, 2)
     m.MFR_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # neck levels fused into F
     m.MFR_INNER_DIM = 128  # width inside the mask feature head
-    m.MFR_OUT_DIM = 256  # channels of F = length of each dynamic kernel
-    m.MFR_COORD = "p5_input"  # MP: "p5_input" (released code), "none", or "output" (coords on F)
+    m.MFR_OUT_DIM = (
+        256  # channels of F (+2 coordinate channels with MFR_COORD "output") = kernel length
+    )
+    m.MFR_COORD = (
+        "p5_input"  # MP: "p5_input" (released code), "none", or "output" (2 coord channels on F)
+    )
 
     m.KERNEL_REF = True  # KP: kernel = FFN output (MFR_OUT_DIM - 2) ++ encoded reference point (2)
-    m.KERNEL_REF_ENCODING = "logit"  # how r enters the kernel: "logit" (code), "unit" [0,1], "signed" [-1,1]
+    m.KERNEL_REF_ENCODING = (
+        "logit"  # how r enters the kernel: "logit" (code), "unit" [0,1], "signed" [-1,1]
+    )
     m.KERNEL_REF_DETACH = False  # stop the mask loss from moving the reference points
     m.KERNEL_FFN_LAYERS = 2  # hidden Linear+ReLU layers of the kernel FFN before its output layer
     m.SHARE_HEADS_ACROSS_LAYERS = True  # one class FFN and one kernel FFN for all decoder layers
-    m.DEEP_SUPERVISION = True  # supervise every decoder layer with equal weight (else the last only)
+    m.DEEP_SUPERVISION = (
+        True  # supervise every decoder layer with equal weight (else the last only)
+    )
 
     m.CLASS_WEIGHT = 2.0  # lambda_cls, focal loss weight (paper: 1.0)
     m.MASK_WEIGHT = 3.0  # lambda_mask, mask loss weight
@@ -67,3 +76,80 @@ def add_isda_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"  # "ADAMW" or "SGD"
     cfg.SOLVER.LR_MULTIPLIER_NAMES = ["backbone", "sampling_offsets", "reference_points"]
     cfg.SOLVER.LR_MULTIPLIER = 0.1  # lr factor of parameters whose name contains one of the above
+
+
+def validate_isda_config(cfg):
+    """Fails at startup, naming the key, on values that are unknown or cannot work together."""
+    m = cfg.MODEL.ISDA
+
+    def check(ok: bool, msg: str):
+        if not ok:
+            raise ValueError(f"Invalid ISDA config: {msg}")
+
+    for key, allowed in (
+        ("MFR_STRIDE", MFR_STRIDES),
+        ("MFR_COORD", MFR_COORD_MODES),
+        ("KERNEL_REF_ENCODING", KERNEL_REF_ENCODINGS),
+        ("MASK_LOSS", MASK_LOSSES),
+        ("GT_DOWNSAMPLE", GT_DOWNSAMPLE_MODES),
+        ("MSDA_IMPL", ("", "reference", "cpu", "cuda")),
+    ):
+        check(m.get(key) in allowed, f"MODEL.ISDA.{key}={m.get(key)!r} must be one of {allowed}")
+    check(
+        not m.WITH_BOX_REFINE,
+        "MODEL.ISDA.WITH_BOX_REFINE=True needs a box branch, which ISDA has not",
+    )
+    check(not m.TWO_STAGE, "MODEL.ISDA.TWO_STAGE=True needs box proposals, which ISDA has not")
+    check(
+        m.NUM_FEATURE_LEVELS in (3, 4),
+        "MODEL.ISDA.NUM_FEATURE_LEVELS must be 3 (P3-P5) or 4 (P3-P6)",
+    )
+    for key in (
+        "NUM_CLASSES",
+        "HIDDEN_DIM",
+        "NUM_QUERIES",
+        "ENC_LAYERS",
+        "DEC_LAYERS",
+        "NHEADS",
+        "DIM_FEEDFORWARD",
+        "ENC_N_POINTS",
+        "DEC_N_POINTS",
+        "MFR_INNER_DIM",
+        "MFR_OUT_DIM",
+    ):
+        check(
+            isinstance(m.get(key), int) and m.get(key) >= 1,
+            f"MODEL.ISDA.{key}={m.get(key)!r} must be an int >= 1",
+        )
+    check(
+        m.HIDDEN_DIM % m.NHEADS == 0,
+        f"MODEL.ISDA.HIDDEN_DIM={m.HIDDEN_DIM} must be divisible by NHEADS={m.NHEADS}",
+    )
+    check(
+        m.HIDDEN_DIM % 2 == 0,
+        "MODEL.ISDA.HIDDEN_DIM must be even (sine encoding splits it in y and x)",
+    )
+    for key in ("HIDDEN_DIM", "MFR_INNER_DIM"):
+        check(
+            m.get(key) % 32 == 0,
+            f"MODEL.ISDA.{key}={m.get(key)} must be a multiple of 32 (GroupNorm(32))",
+        )
+    check(
+        m.MFR_OUT_DIM % 32 == 0,
+        f"MODEL.ISDA.MFR_OUT_DIM={m.MFR_OUT_DIM} must be a multiple of 32 (GroupNorm(32))",
+    )
+    check(
+        m.MFR_OUT_DIM + 2 * int(m.MFR_COORD == "output") > 2 * int(m.KERNEL_REF),
+        "MODEL.ISDA.MFR_OUT_DIM leaves the kernel FFN no output with KERNEL_REF=True",
+    )
+    check(0.0 <= m.DROPOUT < 1.0, f"MODEL.ISDA.DROPOUT={m.DROPOUT} must be in [0, 1)")
+    check(m.TEST.MAX_PER_IMAGE >= 1, "MODEL.ISDA.TEST.MAX_PER_IMAGE must be >= 1")
+    check(0.0 < m.TEST.MASK_THRESHOLD < 1.0, "MODEL.ISDA.TEST.MASK_THRESHOLD must be in (0, 1)")
+    check(
+        len(m.IN_FEATURES) == 4,
+        f"MODEL.ISDA.IN_FEATURES must name 4 backbone levels, got {m.IN_FEATURES}",
+    )
+    check(
+        cfg.SOLVER.OPTIMIZER in ("ADAMW", "SGD"),
+        f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} must be ADAMW or SGD",
+    )

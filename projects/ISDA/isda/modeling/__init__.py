@@ -1,0 +1,3 @@
+from .meta_arch import ISDA
+
+__all__ = ["ISDA"]

@@ -1,0 +1,221 @@
+"""ISDA meta-architecture (paper Fig. 2): backbone -> neck -> {deformable transformer, MFR head} ->
+mask head -> masks. Training returns the set losses; inference returns Detectron2 ``Instances``."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+from detectron2.utils.memory import retry_if_cuda_oom
+from torch import nn
+
+from ..config import validate_isda_config
+from .criterion import SetCriterion, downsample_gt_masks
+from .deformable_transformer import DeformableTransformer
+from .mask_feature_head import MaskFeatureHead
+from .mask_head import MaskHead
+from .matcher import HungarianMatcher
+from .neck import ChannelMapper
+from .position_encoding import SinePositionalEncoding
+from .postprocess import instances_from_query_outputs
+
+TRANSFORMER_LEVELS = ("p3", "p4", "p5", "p6")
+
+
+@META_ARCH_REGISTRY.register()
+class ISDA(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        neck: ChannelMapper,
+        transformer: DeformableTransformer,
+        mask_feature_head: MaskFeatureHead,
+        mask_head: MaskHead,
+        criterion: SetCriterion,
+        num_queries: int,
+        num_feature_levels: int,
+        pos_offset: float,
+        mfr_stride: int,
+        gt_downsample: str,
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+        test_max_per_image: int = 100,
+        test_mask_threshold: float = 0.5,
+        test_maskness: bool = True,
+        test_score_threshold: float = 0.0,
+    ):
+        super().__init__()
+        self.backbone, self.neck, self.transformer = backbone, neck, transformer
+        self.mask_feature_head, self.mask_head, self.criterion = (
+            mask_feature_head,
+            mask_head,
+            criterion,
+        )
+        dim = transformer.dim
+        # Rows are [query_pos | target], both learned (spec §2).
+        self.query_embedding = nn.Embedding(num_queries, 2 * dim)
+        self.position_encoding = SinePositionalEncoding(dim // 2, offset=pos_offset)
+        self.transformer_levels = TRANSFORMER_LEVELS[:num_feature_levels]
+        self.mfr_stride, self.gt_downsample = mfr_stride, gt_downsample
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.test_max_per_image, self.test_mask_threshold = test_max_per_image, test_mask_threshold
+        self.test_maskness, self.test_score_threshold = test_maskness, test_score_threshold
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_isda_config(cfg)
+        m = cfg.MODEL.ISDA
+        backbone = build_backbone(cfg)
+        neck = ChannelMapper(
+            backbone.output_shape(), m.IN_FEATURES, m.HIDDEN_DIM, with_p6=m.NUM_FEATURE_LEVELS == 4
+        )
+        transformer = DeformableTransformer(
+            dim=m.HIDDEN_DIM,
+            nheads=m.NHEADS,
+            enc_layers=m.ENC_LAYERS,
+            dec_layers=m.DEC_LAYERS,
+            ffn_dim=m.DIM_FEEDFORWARD,
+            dropout=m.DROPOUT,
+            n_levels=m.NUM_FEATURE_LEVELS,
+            enc_points=m.ENC_N_POINTS,
+            dec_points=m.DEC_N_POINTS,
+            impl=m.MSDA_IMPL or None,
+        )
+        mfr_head = MaskFeatureHead(
+            neck.output_shape(),
+            m.MFR_IN_FEATURES,
+            stride=m.MFR_STRIDE,
+            inner_dim=m.MFR_INNER_DIM,
+            out_dim=m.MFR_OUT_DIM,
+            coord=m.MFR_COORD,
+        )
+        mask_head = MaskHead(
+            m.HIDDEN_DIM,
+            m.NUM_CLASSES,
+            kernel_dim=mfr_head.out_channels,
+            num_layers=m.DEC_LAYERS,
+            kernel_ffn_layers=m.KERNEL_FFN_LAYERS,
+            kernel_ref=m.KERNEL_REF,
+            ref_encoding=m.KERNEL_REF_ENCODING,
+            ref_detach=m.KERNEL_REF_DETACH,
+            share_across_layers=m.SHARE_HEADS_ACROSS_LAYERS,
+        )
+        matcher = HungarianMatcher(m.COST_CLASS, m.COST_MASK, m.FOCAL_ALPHA, m.FOCAL_GAMMA)
+        criterion = SetCriterion(
+            matcher,
+            m.NUM_CLASSES,
+            class_weight=m.CLASS_WEIGHT,
+            mask_weight=m.MASK_WEIGHT,
+            mask_loss=m.MASK_LOSS,
+            alpha=m.FOCAL_ALPHA,
+            gamma=m.FOCAL_GAMMA,
+            deep_supervision=m.DEEP_SUPERVISION,
+        )
+        return {
+            "backbone": backbone,
+            "neck": neck,
+            "transformer": transformer,
+            "mask_feature_head": mfr_head,
+            "mask_head": mask_head,
+            "criterion": criterion,
+            "num_queries": m.NUM_QUERIES,
+            "num_feature_levels": m.NUM_FEATURE_LEVELS,
+            "pos_offset": m.POS_ENC_OFFSET,
+            "mfr_stride": m.MFR_STRIDE,
+            "gt_downsample": m.GT_DOWNSAMPLE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": max(32, backbone.size_divisibility),
+            "test_max_per_image": m.TEST.MAX_PER_IMAGE,
+            "test_mask_threshold": m.TEST.MASK_THRESHOLD,
+            "test_maskness": m.TEST.MASKNESS,
+            "test_score_threshold": m.TEST.SCORE_THRESHOLD,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batched_inputs: List[Dict]):
+        """Detectron2 format in; losses (training) or ``[{"instances": Instances}]`` (inference) out."""
+        images = self.preprocess_image(batched_inputs)
+        logits, kernels, mfr = self.predict(images)
+        if self.training:
+            targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+            return self.criterion(logits, kernels, mfr, targets)
+        return self.inference(logits[-1], kernels[-1], mfr, images, batched_inputs)
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [
+            (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def predict(self, images: ImageList):
+        """-> class logits (D, B, Q, K), kernels (D, B, Q, E), MFR F (B, E, H/s, W/s)."""
+        pyramid = self.neck(self.backbone(images.tensor))
+        mfr = self.mask_feature_head(pyramid)
+        feats = [pyramid[name] for name in self.transformer_levels]
+        masks = level_padding_masks(images, feats)
+        pos = [self.position_encoding(m).to(f.dtype) for m, f in zip(masks, feats)]
+        hs, reference_points = self.transformer(feats, masks, pos, self.query_embedding.weight)
+        logits, kernels = self.mask_head(hs, reference_points)
+        return logits, kernels, mfr
+
+    def prepare_targets(
+        self, batched_inputs: List[Dict], padded_hw
+    ) -> List[Dict[str, torch.Tensor]]:
+        """Once per batch (not per decoder layer): labels and GT masks at MFR resolution."""
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+            targets.append(
+                {
+                    "labels": inst.gt_classes,
+                    "masks": downsample_gt_masks(
+                        masks, padded_hw, self.mfr_stride, self.gt_downsample
+                    ),
+                }
+            )
+        return targets
+
+    def inference(self, logits, kernels, mfr, images: ImageList, batched_inputs):
+        """Last decoder layer only: logits (B, Q, K), kernels (B, Q, E), mfr (B, E, h, w)."""
+        results = []
+        for b, (x, image_size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            out_size = (x.get("height", image_size[0]), x.get("width", image_size[1]))
+            instances = retry_if_cuda_oom(instances_from_query_outputs)(
+                logits[b],
+                kernels[b],
+                mfr[b],
+                image_size,
+                out_size,
+                self.mfr_stride,
+                max_per_image=self.test_max_per_image,
+                mask_threshold=self.test_mask_threshold,
+                use_maskness=self.test_maskness,
+                score_threshold=self.test_score_threshold,
+            )
+            results.append({"instances": instances})
+        return results
+
+
+def level_padding_masks(images: ImageList, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Padding mask of the batch (True outside each image), resized (nearest) to every level:
+    -> list of (B, H_l, W_l) bool."""
+    B, _, H, W = images.tensor.shape
+    mask = torch.ones((B, H, W), dtype=torch.bool, device=images.tensor.device)
+    for i, (h, w) in enumerate(images.image_sizes):
+        mask[i, :h, :w] = False
+    return [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
