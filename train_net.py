@@ -97,8 +97,19 @@ def setup(args):
     return cfg
 
 
+def configure_cpu_threads(cfg) -> None:
+    """On CPU, the processes of one machine share its cores: each gets cores // processes threads.
+
+    Oversubscribed OpenMP threads spin against each other and can slow training tenfold.
+    An explicit OMP_NUM_THREADS always wins.
+    """
+    if cfg.MODEL.DEVICE == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+
+
 def main(args):
     cfg = setup(args)
+    configure_cpu_threads(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(

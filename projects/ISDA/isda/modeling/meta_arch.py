@@ -179,7 +179,10 @@ class ISDA(nn.Module):
         targets = []
         for x in batched_inputs:
             inst = x["instances"].to(self.device)
-            masks = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+            if inst.has("gt_masks"):
+                masks = inst.gt_masks.tensor if hasattr(inst.gt_masks, "tensor") else inst.gt_masks
+            else:  # an image without annotations carries no mask field at all
+                masks = torch.zeros((0, *inst.image_size), dtype=torch.bool, device=self.device)
             targets.append(
                 {
                     "labels": inst.gt_classes,
