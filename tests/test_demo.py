@@ -1,0 +1,120 @@
+"""The demo pipeline (tools/run_demo.py) and the image demo (demo.py), run for real on tiny sizes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from isda.data.synthetic import register_synthetic_datasets
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+import run_demo  # noqa: E402
+
+DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "ISDA-Demo.yaml")
+# A few iterations on tiny images: the point is the pipeline, not the accuracy.
+TINY_OPTS = [
+    "SOLVER.MAX_ITER", "4",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.WARMUP_ITERS", "0",
+    "TEST.EVAL_PERIOD", "2",
+    "INPUT.MIN_SIZE_TRAIN", "(96,)",
+    "INPUT.MIN_SIZE_TEST", "96",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.ISDA.DEC_LAYERS", "1",
+    "MODEL.ISDA.NUM_QUERIES", "10",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One tiny demo run: its output folder and results."""
+    root = tmp_path_factory.mktemp("demo")
+    out, data = str(root / "out"), str(root / "data")
+    argv = [
+        "--output-dir", out,
+        "--dataset-root", data,
+        "--train-size", "6",
+        "--val-size", "3",
+        "--num-vis", "2",
+        "--num-threads", "0",
+    ]  # fmt: skip
+    results = run_demo.main(argv + TINY_OPTS)
+    yield out, data, argv, results
+    register_synthetic_datasets()  # back to the default root for later tests
+
+
+def test_demo_writes_model_metrics_curves_and_side_by_side_pngs(demo_run):
+    out, _, _, results = demo_run
+    assert os.path.isfile(os.path.join(out, run_demo.FINAL_MODEL))
+    assert {"bbox", "segm"} <= set(results)
+    pngs = sorted(os.listdir(os.path.join(out, "visualizations")))
+    assert len(pngs) == 2
+    for name in pngs:
+        panel = cv2.imread(os.path.join(out, "visualizations", name))
+        assert (
+            panel is not None and panel.shape[1] > 1.5 * panel.shape[0]
+        )  # two images side by side
+    assert cv2.imread(os.path.join(out, "training_curves.png")) is not None
+
+
+def test_metrics_file_has_loss_and_ap_during_training(demo_run):
+    entries = run_demo.read_metrics(os.path.join(demo_run[0], "metrics.json"))
+    assert any("total_loss" in e for e in entries)
+    ap_iters = [e["iteration"] for e in entries if "segm/AP" in e]
+    assert len(ap_iters) == 2  # EVAL_PERIOD 2 of MAX_ITER 4
+
+
+def test_demo_reuses_data_and_finished_model_unless_retrain(demo_run):
+    out, data, argv, _ = demo_run
+    model = os.path.join(out, run_demo.FINAL_MODEL)
+    data_json = os.path.join(data, "annotations", "instances_train.json")
+    stamps = os.stat(model).st_mtime_ns, os.stat(data_json).st_mtime_ns
+    run_demo.main(argv + TINY_OPTS)
+    assert (os.stat(model).st_mtime_ns, os.stat(data_json).st_mtime_ns) == stamps
+    # The retrain leg trains 2 iterations without evaluation, to keep the test short.
+    run_demo.main(
+        argv + ["--retrain"] + TINY_OPTS + ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0"]
+    )
+    assert os.stat(model).st_mtime_ns != stamps[0]
+    assert os.stat(data_json).st_mtime_ns == stamps[1]
+    # A retrain starts a fresh metrics file rather than appending to the old one.
+    entries = run_demo.read_metrics(os.path.join(out, "metrics.json"))
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert len(f.readlines()) == len(entries)
+
+
+def test_ap_table_lists_segm_and_bbox_rows():
+    metrics = {k: 12.5 for k in run_demo.COCO_METRICS}
+    table = run_demo.format_results({"bbox": metrics, "segm": metrics}, ["isda_synth_val"])
+    assert "isda_synth_val segm" in table and "isda_synth_val bbox" in table and "12.5" in table
+
+
+def test_image_demo_skips_corrupt_files_names_them_and_fails(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("good_a.png", "good_b.jpg"):
+        cv2.imwrite(str(images / name), rng.integers(0, 255, (96, 112, 3), dtype=np.uint8))
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(rng.integers(0, 255, 300)))
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.txt").write_text("not an image; ignored by folder expansion")
+    out = tmp_path / "vis"
+    cmd = [sys.executable, os.path.join(REPO_ROOT, "demo.py"), "--config-file", DEMO_CONFIG]
+    cmd += ["--input", str(images), str(tmp_path / "missing.png"), "--output", str(out)]
+    cmd += ["--confidence-threshold", "0.0", "INPUT.MIN_SIZE_TEST", "96"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert sorted(os.listdir(out)) == ["good_a.png", "good_b.png"]
+    failed_line = [line for line in log.splitlines() if "input(s) failed" in line]
+    assert len(failed_line) == 1
+    for bad in ("corrupt.png", "empty.jpg", "missing.png"):
+        assert bad in failed_line[0]
+    assert "good_a" not in failed_line[0]
+    assert "not a valid image" in log
