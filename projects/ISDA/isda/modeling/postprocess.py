@@ -61,9 +61,9 @@ def paste_masks(
     out = []
     for chunk in probs.split(UPSAMPLE_CHUNK):
         m = F.interpolate(chunk[None], scale_factor=stride, mode="bilinear", align_corners=False)
-        m = F.interpolate(
-            m[:, :, :h, :w], size=tuple(output_size), mode="bilinear", align_corners=False
-        )
+        m = m[:, :, :h, :w]
+        if tuple(output_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
+            m = F.interpolate(m, size=tuple(output_size), mode="bilinear", align_corners=False)
         out.append(m[0] > threshold)
     if not out:
         return probs.new_zeros((0, *output_size), dtype=torch.bool)
