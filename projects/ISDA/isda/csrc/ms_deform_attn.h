@@ -10,7 +10,7 @@
 // Bilinear sampling, zero padding, align_corners=False (identical to grid_sample).
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <vector>
 

@@ -1,4 +1,6 @@
 // Python bindings of isda._C: the multi-scale deformable attention op.
+#include <torch/extension.h>
+
 #include "ms_deform_attn.h"
 
 namespace isda {

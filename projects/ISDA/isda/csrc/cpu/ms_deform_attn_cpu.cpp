@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "../ms_deform_attn.h"
 
@@ -25,6 +26,20 @@ namespace {
 // scheduling, small enough to balance the decoder shape (Lq = 300).
 constexpr int64_t kForwardGrainRows = 16;
 constexpr int kCorners = 4;
+constexpr int64_t kCacheLine = 64;         // bytes
+constexpr int64_t kMaxPrefetchBytes = 256;  // per row: the first lines are enough to start
+
+// Asks for the first bytes of a channel row ahead of use (a hint; a no-op where unsupported).
+template <typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
+#if defined(__GNUC__)
+  const char* bytes = reinterpret_cast<const char*>(row);
+  const int64_t size = std::min<int64_t>(D * static_cast<int64_t>(sizeof(scalar_t)), kMaxPrefetchBytes);
+  for (int64_t b = 0; b < size; b += kCacheLine) {
+    __builtin_prefetch(bytes + b);
+  }
+#endif
+}
 
 // The four bilinear taps of one sample on one level.
 // Corner order: (h_low, w_low), (h_low, w_high), (h_high, w_low), (h_high, w_high).
@@ -233,9 +248,17 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
   const int64_t D = channels<kD>(s.D);
   const int64_t row_stride = s.M * D;
   const int64_t LP = s.L * s.P;
+  std::vector<Taps<acc_t>> taps(LP);  // the samples of one (n, q, m)
+  std::vector<char> inside(LP);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.M, m = nm % s.M;
     const int64_t head_offset = n * s.S * row_stride + m * D;
+    // grad_value is allocated uninitialised: each task zeroes its own head slice, so the
+    // zero-fill (and the first touch of fresh pages) is parallel too.
+    for (int64_t token = 0; token < s.S; ++token) {
+      scalar_t* row = a.grad_value + head_offset + token * row_stride;
+      std::fill(row, row + D, scalar_t(0));
+    }
     for (int64_t q = 0; q < s.Lq; ++q) {
       const int64_t nqm = (n * s.Lq + q) * s.M + m;
       const scalar_t* go = a.grad_out + nqm * D;
@@ -243,15 +266,32 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       scalar_t* gloc_nqm = a.grad_loc + nqm * LP * 2;
       scalar_t* gattn_nqm = a.grad_attn + nqm * LP;
+      // Pass 1: all taps of this query, with their rows prefetched. Scattered samples (decoder
+      // queries) miss the cache on every corner; issuing the loads early overlaps the misses.
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
         const int64_t level_offset = head_offset + a.starts[l] * row_stride;
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t lp = l * s.P + p;
-          Taps<acc_t> t;
-          if (!compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t)) {
-            continue;  // outputs were zero-initialised
+          Taps<acc_t>& t = taps[lp];
+          inside[lp] =
+              compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
+          if (!inside[lp]) continue;
+          for (int c = 0; c < kCorners; ++c) {
+            if (!t.valid[c]) continue;
+            prefetch_row(a.value + level_offset + t.offset[c], D);
+            prefetch_row(a.grad_value + level_offset + t.offset[c], D);
           }
+        }
+      }
+      // Pass 2: the gradients.
+      for (int64_t l = 0; l < s.L; ++l) {
+        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+        const int64_t level_offset = head_offset + a.starts[l] * row_stride;
+        for (int64_t p = 0; p < s.P; ++p) {
+          const int64_t lp = l * s.P + p;
+          if (!inside[lp]) continue;  // outputs were zero-initialised
+          const Taps<acc_t>& t = taps[lp];
           const acc_t w = attn_nqm[lp];
           acc_t dot[kCorners];
           backward_sample<kD, scalar_t, acc_t>(a.value + level_offset,
@@ -377,12 +417,13 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(
   const auto loc_c = sampling_loc.contiguous();
   const auto attn_c = attn_weight.contiguous();
   const auto grad_out_c = grad_output.contiguous();
-  auto grad_value = at::zeros_like(value_c);
   auto grad_loc = at::zeros_like(loc_c);
   auto grad_attn = at::zeros_like(attn_c);
   if (grad_out_c.numel() == 0 || value_c.numel() == 0) {
-    return {grad_value, grad_loc, grad_attn};
+    return {at::zeros_like(value_c), grad_loc, grad_attn};
   }
+  // Zeroed per head inside backward_heads.
+  auto grad_value = at::empty_like(value_c);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
     KernelArgs<scalar_t> a{value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
                            starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),

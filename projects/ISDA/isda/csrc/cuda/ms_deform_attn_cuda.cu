@@ -1,0 +1,370 @@
+// CUDA kernels of multi-scale deformable attention (forward and backward).
+//
+// dtypes: float, double, half, bfloat16; every sum is accumulated in at::opmath_type (fp32 for
+// the 16-bit types, double for double).
+//
+// Thread mapping: each (n, q, m) head-query is served by a segment of `lanes` consecutive threads
+// (a power of two <= 32, so a segment never straddles a warp). Lane j handles channels
+// d = j, j + lanes, j + 2 * lanes, ... so the lanes of a segment read consecutive addresses of
+// a value row (coalesced), and each thread keeps several channels in registers.
+//
+// Backward: grad_value is scattered with atomics into an accumulator of the opmath type (fp32 for
+// half / bf16, which also avoids 16-bit atomics); the per-sample gradients of the location and
+// of the attention weight are reduced across the segment with warp shuffles and written once by
+// lane 0, so they need no atomics. All indices are int64_t.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/Atomic.cuh>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "../ms_deform_attn.h"
+
+namespace isda {
+namespace {
+
+constexpr int kThreadsPerBlock = 256;
+constexpr int kWarpSize = 32;
+// Channels a thread should own before the segment grows past one lane (instruction-level
+// parallelism: independent loads in flight per sample).
+constexpr int kTargetChannelsPerLane = 4;
+// Largest channels-per-lane instantiations; D above 32 * kMaxChannelsPerLaneLarge is rejected.
+constexpr int kMaxChannelsPerLaneSmall = 4;
+constexpr int kMaxChannelsPerLaneMedium = 8;
+constexpr int kMaxChannelsPerLaneLarge = 32;
+
+struct Sizes {
+  int64_t N, S, M, D, Lq, L, P;
+};
+
+// The bilinear taps of one sample; see the CPU kernel for the conventions (identical math).
+template <typename acc_t>
+struct Taps {
+  int64_t offset[4];
+  acc_t weight[4];
+  bool valid[4];
+  acc_t lh, lw;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ bool compute_taps(acc_t x, acc_t y, int64_t H, int64_t W,
+                                             int64_t row_stride, Taps<acc_t>& t) {
+  const acc_t h_im = y * static_cast<acc_t>(H) - acc_t(0.5);
+  const acc_t w_im = x * static_cast<acc_t>(W) - acc_t(0.5);
+  if (!(h_im >= acc_t(-1) && w_im >= acc_t(-1) && h_im < static_cast<acc_t>(H) &&
+        w_im < static_cast<acc_t>(W))) {
+    return false;  // no corner inside the map (or NaN): zero output, zero gradient
+  }
+  const int64_t h_low = static_cast<int64_t>(floor(h_im));
+  const int64_t w_low = static_cast<int64_t>(floor(w_im));
+  const int64_t h_high = h_low + 1, w_high = w_low + 1;
+  t.lh = h_im - static_cast<acc_t>(h_low);
+  t.lw = w_im - static_cast<acc_t>(w_low);
+  const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
+  const bool h_low_in = h_low >= 0, h_high_in = h_high < H;
+  const bool w_low_in = w_low >= 0, w_high_in = w_high < W;
+  t.weight[0] = hh * hw;
+  t.weight[1] = hh * t.lw;
+  t.weight[2] = t.lh * hw;
+  t.weight[3] = t.lh * t.lw;
+  t.valid[0] = h_low_in && w_low_in;
+  t.valid[1] = h_low_in && w_high_in;
+  t.valid[2] = h_high_in && w_low_in;
+  t.valid[3] = h_high_in && w_high_in;
+  t.offset[0] = (h_low * W + w_low) * row_stride;
+  t.offset[1] = (h_low * W + w_high) * row_stride;
+  t.offset[2] = (h_high * W + w_low) * row_stride;
+  t.offset[3] = (h_high * W + w_high) * row_stride;
+  return true;
+}
+
+// Sum of v over the `lanes` threads of this thread's segment (lanes is a power of two <= 32).
+template <typename T>
+__device__ __forceinline__ T segment_sum(T v, unsigned mask, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(mask, v, offset, lanes);
+  }
+  return v;
+}
+
+__device__ __forceinline__ unsigned segment_mask(int lanes) {
+  if (lanes == kWarpSize) return 0xffffffffu;
+  const int base = (threadIdx.x % kWarpSize) & ~(lanes - 1);
+  return ((1u << lanes) - 1u) << base;
+}
+
+template <typename scalar_t, int kMaxCpl>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    ms_deform_attn_forward_kernel(const scalar_t* __restrict__ value,
+                                  const int64_t* __restrict__ shapes,
+                                  const int64_t* __restrict__ starts,
+                                  const scalar_t* __restrict__ loc,
+                                  const scalar_t* __restrict__ attn, scalar_t* __restrict__ out,
+                                  Sizes s, int lanes, int cpl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= s.N * s.Lq * s.M * lanes) return;
+  const int lane = static_cast<int>(idx % lanes);
+  const int64_t nqm = idx / lanes;  // flattened (n, q, m)
+  const int64_t m = nqm % s.M;
+  const int64_t n = nqm / (s.M * s.Lq);
+  const int64_t row_stride = s.M * s.D;
+  const int64_t LP = s.L * s.P;
+  const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
+  const scalar_t* loc_nqm = loc + nqm * LP * 2;
+  const scalar_t* attn_nqm = attn + nqm * LP;
+
+  acc_t acc[kMaxCpl];
+#pragma unroll
+  for (int k = 0; k < kMaxCpl; ++k) acc[k] = acc_t(0);
+
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    const scalar_t* value_level = value_head + starts[l] * row_stride;
+    for (int64_t p = 0; p < s.P; ++p) {
+      const int64_t lp = l * s.P + p;
+      Taps<acc_t> t;
+      if (!compute_taps<acc_t>(static_cast<acc_t>(loc_nqm[2 * lp]),
+                               static_cast<acc_t>(loc_nqm[2 * lp + 1]), H, W, row_stride, t)) {
+        continue;
+      }
+      const acc_t a = static_cast<acc_t>(attn_nqm[lp]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (!t.valid[c]) continue;
+        const acc_t coeff = a * t.weight[c];
+        const scalar_t* v = value_level + t.offset[c];
+#pragma unroll
+        for (int k = 0; k < kMaxCpl; ++k) {
+          const int64_t d = lane + static_cast<int64_t>(k) * lanes;
+          if (k < cpl && d < s.D) acc[k] += coeff * static_cast<acc_t>(v[d]);
+        }
+      }
+    }
+  }
+  scalar_t* o = out + nqm * s.D;
+#pragma unroll
+  for (int k = 0; k < kMaxCpl; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * lanes;
+    if (k < cpl && d < s.D) o[d] = static_cast<scalar_t>(acc[k]);
+  }
+}
+
+template <typename scalar_t, int kMaxCpl>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    ms_deform_attn_backward_kernel(const scalar_t* __restrict__ value,
+                                   const int64_t* __restrict__ shapes,
+                                   const int64_t* __restrict__ starts,
+                                   const scalar_t* __restrict__ loc,
+                                   const scalar_t* __restrict__ attn,
+                                   const scalar_t* __restrict__ grad_out,
+                                   at::opmath_type<scalar_t>* __restrict__ grad_value,
+                                   scalar_t* __restrict__ grad_loc,
+                                   scalar_t* __restrict__ grad_attn, Sizes s, int lanes, int cpl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Whole segments leave together (the thread count is a multiple of `lanes` and segments are
+  // aligned), so the shuffles below always see every lane of their segment.
+  if (idx >= s.N * s.Lq * s.M * lanes) return;
+  const unsigned mask = segment_mask(lanes);
+  const int lane = static_cast<int>(idx % lanes);
+  const int64_t nqm = idx / lanes;
+  const int64_t m = nqm % s.M;
+  const int64_t n = nqm / (s.M * s.Lq);
+  const int64_t row_stride = s.M * s.D;
+  const int64_t LP = s.L * s.P;
+  const int64_t head_offset = n * s.S * row_stride + m * s.D;
+  const scalar_t* loc_nqm = loc + nqm * LP * 2;
+  const scalar_t* attn_nqm = attn + nqm * LP;
+
+  acc_t go[kMaxCpl];  // this lane's channels of grad_output
+#pragma unroll
+  for (int k = 0; k < kMaxCpl; ++k) {
+    const int64_t d = lane + static_cast<int64_t>(k) * lanes;
+    go[k] = (k < cpl && d < s.D) ? static_cast<acc_t>(grad_out[nqm * s.D + d]) : acc_t(0);
+  }
+
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    const int64_t level_offset = head_offset + starts[l] * row_stride;
+    for (int64_t p = 0; p < s.P; ++p) {
+      const int64_t lp = l * s.P + p;
+      Taps<acc_t> t;
+      // Uniform across the segment: all its lanes read the same location.
+      if (!compute_taps<acc_t>(static_cast<acc_t>(loc_nqm[2 * lp]),
+                               static_cast<acc_t>(loc_nqm[2 * lp + 1]), H, W, row_stride, t)) {
+        continue;  // grad_loc / grad_attn were zero-initialised
+      }
+      const acc_t a = static_cast<acc_t>(attn_nqm[lp]);
+      acc_t dot[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        dot[c] = acc_t(0);
+        if (!t.valid[c]) continue;
+        const acc_t coeff = a * t.weight[c];
+        const scalar_t* v = value + level_offset + t.offset[c];
+        acc_t* gv = grad_value + level_offset + t.offset[c];
+#pragma unroll
+        for (int k = 0; k < kMaxCpl; ++k) {
+          const int64_t d = lane + static_cast<int64_t>(k) * lanes;
+          if (k < cpl && d < s.D) {
+            dot[c] += go[k] * static_cast<acc_t>(v[d]);
+            gpuAtomicAdd(gv + d, coeff * go[k]);
+          }
+        }
+      }
+      const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
+      acc_t g_attn = t.weight[0] * dot[0] + t.weight[1] * dot[1] + t.weight[2] * dot[2] +
+                     t.weight[3] * dot[3];
+      acc_t g_w = hh * (dot[1] - dot[0]) + t.lh * (dot[3] - dot[2]);
+      acc_t g_h = hw * (dot[2] - dot[0]) + t.lw * (dot[3] - dot[1]);
+      g_attn = segment_sum(g_attn, mask, lanes);
+      g_w = segment_sum(g_w, mask, lanes);
+      g_h = segment_sum(g_h, mask, lanes);
+      if (lane == 0) {
+        grad_attn[nqm * LP + lp] = static_cast<scalar_t>(g_attn);
+        grad_loc[(nqm * LP + lp) * 2] = static_cast<scalar_t>(a * g_w * static_cast<acc_t>(W));
+        grad_loc[(nqm * LP + lp) * 2 + 1] = static_cast<scalar_t>(a * g_h * static_cast<acc_t>(H));
+      }
+    }
+  }
+}
+
+// Segment width and channels per lane for D channels.
+struct LaunchShape {
+  int lanes;
+  int cpl;
+  int64_t blocks;
+};
+
+int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+LaunchShape launch_shape(const Sizes& s) {
+  const int64_t want_lanes = (s.D + kTargetChannelsPerLane - 1) / kTargetChannelsPerLane;
+  const int lanes = std::min(kWarpSize, next_pow2(std::max<int64_t>(want_lanes, 1)));
+  const int64_t cpl = (s.D + lanes - 1) / lanes;
+  TORCH_CHECK(cpl <= kMaxChannelsPerLaneLarge, "ms_deform_attn (CUDA): channels per head D=", s.D,
+              " exceeds the supported maximum ", kWarpSize * kMaxChannelsPerLaneLarge);
+  const int64_t threads = s.N * s.Lq * s.M * lanes;
+  const int64_t blocks = (threads + kThreadsPerBlock - 1) / kThreadsPerBlock;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "ms_deform_attn (CUDA): input too large for one launch (", threads, " threads)");
+  return LaunchShape{lanes, static_cast<int>(cpl), blocks};
+}
+
+// Calls fn(std::integral_constant<int, kMaxCpl>) with the smallest instantiation that fits.
+template <typename Fn>
+void with_max_cpl(int cpl, const Fn& fn) {
+  if (cpl <= kMaxChannelsPerLaneSmall) {
+    fn(std::integral_constant<int, kMaxChannelsPerLaneSmall>{});
+  } else if (cpl <= kMaxChannelsPerLaneMedium) {
+    fn(std::integral_constant<int, kMaxChannelsPerLaneMedium>{});
+  } else {
+    fn(std::integral_constant<int, kMaxChannelsPerLaneLarge>{});
+  }
+}
+
+Sizes get_sizes(const at::Tensor& value, const at::Tensor& sampling_loc) {
+  return Sizes{value.size(0), value.size(1), value.size(2), value.size(3),
+               sampling_loc.size(1), sampling_loc.size(3), sampling_loc.size(4)};
+}
+
+void check_cuda(const at::Tensor& value) {
+  TORCH_CHECK(value.is_cuda(), "ms_deform_attn_cuda: expected CUDA tensors, got ",
+              value.device());
+}
+
+}  // namespace
+
+at::Tensor ms_deform_attn_cuda_forward(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_loc,
+    const at::Tensor& attn_weight) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  check_cuda(value);
+  const c10::cuda::CUDAGuard device_guard(value.device());
+  const Sizes s = get_sizes(value, sampling_loc);
+  const auto value_c = value.contiguous();
+  const auto shapes_c = spatial_shapes.contiguous();
+  const auto starts_c = level_start_index.contiguous();
+  const auto loc_c = sampling_loc.contiguous();
+  const auto attn_c = attn_weight.contiguous();
+  // Every channel is written by exactly one lane (lanes * cpl >= D), so no zero-fill is needed.
+  auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
+  if (output.numel() == 0) {
+    return output;  // nothing to launch (a zero-block launch is an error)
+  }
+  const LaunchShape ls = launch_shape(s);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
+        with_max_cpl(ls.cpl, [&](auto max_cpl) {
+          ms_deform_attn_forward_kernel<scalar_t, decltype(max_cpl)::value>
+              <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
+                  value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
+                  starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
+                  attn_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s, ls.lanes, ls.cpl);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      });
+  return output;
+}
+
+std::vector<at::Tensor> ms_deform_attn_cuda_backward(
+    const at::Tensor& value,
+    const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index,
+    const at::Tensor& sampling_loc,
+    const at::Tensor& attn_weight,
+    const at::Tensor& grad_output) {
+  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  check_grad_output(grad_output, sampling_loc, value);
+  check_cuda(value);
+  const c10::cuda::CUDAGuard device_guard(value.device());
+  const Sizes s = get_sizes(value, sampling_loc);
+  const auto value_c = value.contiguous();
+  const auto shapes_c = spatial_shapes.contiguous();
+  const auto starts_c = level_start_index.contiguous();
+  const auto loc_c = sampling_loc.contiguous();
+  const auto attn_c = attn_weight.contiguous();
+  const auto grad_out_c = grad_output.contiguous();
+  // grad_value accumulates atomically in the opmath type (fp32 for half / bf16).
+  const auto acc_type = at::toOpMathType(value.scalar_type());
+  auto grad_value_acc = at::zeros(value_c.sizes(), value_c.options().dtype(acc_type));
+  auto grad_loc = at::zeros_like(loc_c);
+  auto grad_attn = at::zeros_like(attn_c);
+  if (grad_out_c.numel() > 0 && value_c.numel() > 0) {
+    const LaunchShape ls = launch_shape(s);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_backward", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          with_max_cpl(ls.cpl, [&](auto max_cpl) {
+            ms_deform_attn_backward_kernel<scalar_t, decltype(max_cpl)::value>
+                <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
+                    value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
+                    starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
+                    attn_c.data_ptr<scalar_t>(), grad_out_c.data_ptr<scalar_t>(),
+                    grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
+                    grad_attn.data_ptr<scalar_t>(), s, ls.lanes, ls.cpl);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        });
+  }
+  auto grad_value =
+      acc_type == value.scalar_type() ? grad_value_acc : grad_value_acc.to(value.scalar_type());
+  return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace isda
