@@ -1,5 +1,8 @@
 # `make demo` and `make test` set up .venv by themselves (scripts/setup_env.sh).
 PY := .venv/bin/python
+# Idle OpenMP threads sleep instead of spinning: spinning threads of processes that share the cores
+# (tests launching train_net.py, multi-process CPU training) slow each other down several-fold.
+export OMP_WAIT_POLICY ?= PASSIVE
 K ?=
 PYTEST_ARGS ?=
 
