@@ -6,6 +6,7 @@
     python train_net.py --config-file ... --resume            # continue from OUTPUT_DIR/last_checkpoint
 
 Without a GPU, set MODEL.DEVICE cpu; ``--num-gpus N`` then starts N CPU processes (gloo).
+Bad samples, kills and non-finite losses are handled as README "Failure behaviour" describes.
 """
 
 import logging
@@ -13,17 +14,13 @@ import os
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    default_argument_parser,
-    default_setup,
-    launch,
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
@@ -32,11 +29,22 @@ from detectron2.utils.logger import setup_logger
 from isda import add_isda_config
 from isda.config import validate_isda_config
 from isda.data import ISDADatasetMapper
+from isda.data.sample_checks import check_dataset_categories
+from isda.engine import (
+    DataIssueCounter,
+    DataIssueLogger,
+    ISDAAMPTrainer,
+    ISDASimpleTrainer,
+    SafeDetectionCheckpointer,
+    SkippedImageFilter,
+)
+from isda.engine.safe_checkpoint import UNSAFE_PICKLE_ENV
 from isda.solver import build_isda_optimizer
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with ISDA's data mapper, optimizer and evaluator, and DDP that works on CPU."""
+    """DefaultTrainer with ISDA's data mapper, optimizer and evaluator, DDP that works on CPU,
+    atomic checkpoints, a stop on non-finite losses and counts of skipped samples."""
 
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__, except the DDP wrapper: Detectron2 always passes
@@ -52,10 +60,10 @@ class Trainer(DefaultTrainer):
         on_cpu = next(model.parameters()).device.type == "cpu"
         ddp_kwargs = {"device_ids": None} if on_cpu else {}
         model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        trainer_cls = ISDAAMPTrainer if cfg.SOLVER.AMP.ENABLED else ISDASimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = SafeDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
@@ -63,15 +71,32 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # Early, so checkpoints and the metrics writer of the same iteration see its counts.
+        hooks.insert(1, DataIssueLogger(self._trainer.data_loader))
+        return hooks
+
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=ISDADatasetMapper(cfg, is_train=True))
+        names = cfg.DATASETS.TRAIN
+        dicts = get_detection_dataset_dicts(
+            names, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        check_dataset_categories(dicts, names, cfg.MODEL.ISDA.NUM_CLASSES)
+        mapper = ISDADatasetMapper(cfg, is_train=True)
+        return DataIssueCounter(build_detection_train_loader(cfg, mapper=mapper, dataset=dicts))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=ISDADatasetMapper(cfg, is_train=False)
+        dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        check_dataset_categories(dicts, [dataset_name], cfg.MODEL.ISDA.NUM_CLASSES)
+        loader = build_detection_test_loader(
+            dicts,
+            mapper=ISDADatasetMapper(cfg, is_train=False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
+        return SkippedImageFilter(loader, dataset_name)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -112,7 +137,7 @@ def main(args):
     configure_cpu_threads(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
@@ -124,9 +149,21 @@ def main(args):
     return trainer.train()
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="also load .pth files that need pickle (which can run code): trusted files only",
+    )
+    return parser
+
+
 def invoke_main() -> None:
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    if args.unsafe_pickle:
+        os.environ[UNSAFE_PICKLE_ENV] = "1"  # read by every process's checkpointer
     launch(
         main,
         args.num_gpus,
