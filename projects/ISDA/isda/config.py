@@ -7,6 +7,11 @@ KERNEL_REF_ENCODINGS = ("logit", "unit", "signed")
 MASK_LOSSES = ("dice", "iou")
 GT_DOWNSAMPLE_MODES = ("bilinear", "nearest")
 MFR_STRIDES = (2, 4, 8)
+# Deepest encoder/decoder that is built and trained in tests (tests/test_reliability_inference.py).
+# Deeper stacks are untested, and the usual cause of e.g. DEC_LAYERS 60 is a typo for 6 that would
+# otherwise surface only as an out-of-memory error hours into a run.
+MAX_TRANSFORMER_LAYERS = 12
+NECK_LEVELS = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}  # neck output -> stride
 
 
 def add_isda_config(cfg):
@@ -153,3 +158,62 @@ def validate_isda_config(cfg):
         cfg.SOLVER.OPTIMIZER in ("ADAMW", "SGD"),
         f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} must be ADAMW or SGD",
     )
+    _validate_depth_and_mfr(m, check)
+    _validate_losses(m, check)
+    _validate_input_and_solver(cfg, check)
+
+
+def _validate_depth_and_mfr(m, check) -> None:
+    for key in ("ENC_LAYERS", "DEC_LAYERS"):
+        check(
+            m.get(key) <= MAX_TRANSFORMER_LAYERS,
+            f"MODEL.ISDA.{key}={m.get(key)} exceeds the supported maximum "
+            f"{MAX_TRANSFORMER_LAYERS} (see MAX_TRANSFORMER_LAYERS in isda/config.py)",
+        )
+    check(
+        isinstance(m.KERNEL_FFN_LAYERS, int) and m.KERNEL_FFN_LAYERS >= 0,
+        f"MODEL.ISDA.KERNEL_FFN_LAYERS={m.KERNEL_FFN_LAYERS!r} must be an int >= 0",
+    )
+    unknown = [f for f in m.MFR_IN_FEATURES if f not in NECK_LEVELS]
+    check(
+        len(m.MFR_IN_FEATURES) > 0 and not unknown,
+        f"MODEL.ISDA.MFR_IN_FEATURES={list(m.MFR_IN_FEATURES)} must name neck levels "
+        f"{list(NECK_LEVELS)}",
+    )
+    finest = min(NECK_LEVELS[f] for f in m.MFR_IN_FEATURES)
+    check(
+        finest == max(m.MFR_STRIDE, 4),
+        f"MODEL.ISDA.MFR_IN_FEATURES={list(m.MFR_IN_FEATURES)} must start at stride "
+        f"{max(m.MFR_STRIDE, 4)} for MODEL.ISDA.MFR_STRIDE={m.MFR_STRIDE} (e.g. p3..p5 for 8)",
+    )
+
+
+def _validate_losses(m, check) -> None:
+    for key in ("CLASS_WEIGHT", "MASK_WEIGHT", "COST_CLASS", "COST_MASK", "FOCAL_GAMMA"):
+        check(m.get(key) >= 0, f"MODEL.ISDA.{key}={m.get(key)} must be >= 0")
+    check(0.0 <= m.FOCAL_ALPHA <= 1.0, f"MODEL.ISDA.FOCAL_ALPHA={m.FOCAL_ALPHA} must be in [0, 1]")
+    check(
+        0.0 <= m.TEST.SCORE_THRESHOLD <= 1.0,
+        f"MODEL.ISDA.TEST.SCORE_THRESHOLD={m.TEST.SCORE_THRESHOLD} must be in [0, 1]",
+    )
+
+
+def _validate_input_and_solver(cfg, check) -> None:
+    """Keys outside MODEL.ISDA whose wrong values would fail only mid-run, or train on wrong data."""
+    check(
+        cfg.INPUT.MASK_FORMAT == "bitmask",
+        f"INPUT.MASK_FORMAT={cfg.INPUT.MASK_FORMAT!r} must be 'bitmask' (ISDA's targets are masks)",
+    )
+    check(
+        cfg.INPUT.FORMAT in ("RGB", "BGR") and len(cfg.MODEL.PIXEL_MEAN) == 3,
+        f"INPUT.FORMAT={cfg.INPUT.FORMAT!r} must be RGB or BGR, with 3 MODEL.PIXEL_MEAN values",
+    )
+    for key in ("CHECKPOINT_PERIOD", "IMS_PER_BATCH", "MAX_ITER"):
+        value = cfg.SOLVER.get(key)
+        check(value >= 1, f"SOLVER.{key}={value} must be >= 1")
+    check(cfg.SOLVER.LR_MULTIPLIER >= 0, "SOLVER.LR_MULTIPLIER must be >= 0")
+    check(
+        len(cfg.INPUT.MIN_SIZE_TRAIN) > 0 and min(cfg.INPUT.MIN_SIZE_TRAIN) >= 1,
+        f"INPUT.MIN_SIZE_TRAIN={cfg.INPUT.MIN_SIZE_TRAIN} must hold sizes >= 1",
+    )
+    check(cfg.INPUT.MIN_SIZE_TEST >= 0, "INPUT.MIN_SIZE_TEST must be >= 0 (0 disables resizing)")
