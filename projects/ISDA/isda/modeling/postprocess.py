@@ -57,6 +57,8 @@ def paste_masks(
 
     Upsample by ``stride``, crop the un-padded ``image_size`` (h, w), resize to ``output_size``, binarise.
     """
+    if probs.shape[0] == 0:  # split() of an empty tensor still yields one (empty) chunk
+        return probs.new_zeros((0, *output_size), dtype=torch.bool)
     h, w = image_size
     out = []
     for chunk in probs.split(UPSAMPLE_CHUNK):
@@ -65,8 +67,6 @@ def paste_masks(
         if tuple(output_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
             m = F.interpolate(m, size=tuple(output_size), mode="bilinear", align_corners=False)
         out.append(m[0] > threshold)
-    if not out:
-        return probs.new_zeros((0, *output_size), dtype=torch.bool)
     return torch.cat(out)
 
 
