@@ -128,6 +128,23 @@ def test_low_precision_matches_fp32(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_value_with_fp32_locations(dtype):
+    args = to_cuda(make_inputs(N=2, M=4, D=32, Lq=16, dtype=torch.float32))
+    value = args[0].to(dtype)
+    mixed = (value, *args[1:])
+    out = ms_deform_attn(*mixed, impl="cuda")
+    assert out.dtype == dtype
+    want = ms_deform_attn(value.float(), *args[1:], impl="cuda")
+    assert_close(out.float(), want, **LOW_PRECISION_TOL[dtype])
+    grad_out = torch.randn(out.shape, device="cuda", dtype=dtype)
+    g_value, g_loc, g_weights = grads_of(mixed, "cuda", grad_out)
+    assert g_value.dtype == dtype and g_loc.dtype == torch.float32
+    assert g_weights.dtype == torch.float32
+    with pytest.raises(ValueError, match="`sampling_locations`"):
+        ms_deform_attn(*mixed, impl="reference")  # only the CUDA kernel mixes dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_runs_native_low_precision(dtype):
     value, shapes, starts, loc, weights = to_cuda(make_inputs(dtype=torch.float32))
     with torch.autocast("cuda", dtype=dtype):

@@ -102,11 +102,20 @@ inline void check_ms_deform_attn_inputs(
       attn_weight.sizes(),
       " does not match sampling_locations ",
       sampling_loc.sizes());
+  // CUDA half / bf16 values may come with fp32 locations and weights (kept precise under AMP).
+  const bool low_precision_cuda = value.is_cuda() && (value.scalar_type() == at::kHalf ||
+                                                      value.scalar_type() == at::kBFloat16);
+  const auto loc_type = sampling_loc.scalar_type();
   TORCH_CHECK(
-      sampling_loc.scalar_type() == value.scalar_type() &&
-          attn_weight.scalar_type() == value.scalar_type(),
+      attn_weight.scalar_type() == loc_type &&
+          (loc_type == value.scalar_type() || (low_precision_cuda && loc_type == at::kFloat)),
       "ms_deform_attn: sampling_locations and attention_weights must have value's dtype ",
-      value.scalar_type());
+      value.scalar_type(),
+      low_precision_cuda ? " or float32" : "",
+      ", got ",
+      loc_type,
+      " and ",
+      attn_weight.scalar_type());
   const auto device = value.device();
   TORCH_CHECK(
       spatial_shapes.device() == device && level_start_index.device() == device &&

@@ -26,8 +26,12 @@ environment variable ``ISDA_MSDA_IMPL``, forces one path; forcing a path that is
 raises an error (there is no silent fallback).
 
 Autocast: under ``torch.autocast`` for the tensors' device, the ``"cuda"`` kernel runs natively in
-the autocast dtype (half / bfloat16, fp32 accumulation) and returns that dtype. Every other path
-casts the float inputs to float32, computes with autocast disabled, and returns **float32**.
+the autocast dtype (value in half / bfloat16, sampling locations and attention weights in fp32,
+fp32 accumulation) and returns the autocast dtype. Every other path casts the float inputs to
+float32, computes with autocast disabled, and returns **float32**.
+
+dtypes: the float tensors share value's dtype, except that the ``"cuda"`` kernel also accepts fp32
+sampling locations and attention weights with a half / bfloat16 value (their gradients are fp32).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
 ]
 
 IMPLS = ("reference", "cpu", "cuda")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 ENV_VAR = "ISDA_MSDA_IMPL"
 EXTENSION = "isda._C"
 BUILD_HINT = (
@@ -211,7 +216,7 @@ def _check_sizes(value, spatial_shapes, level_start_index, sampling_locations, a
 
 
 def _check_dtypes_devices(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl
 ):
     if not value.is_floating_point():
         _fail("value", f"must be a floating-point tensor, got {value.dtype}")
@@ -221,12 +226,17 @@ def _check_dtypes_devices(
     ):
         if tensor.dtype != torch.int64:
             _fail(name, f"must be int64, got {tensor.dtype}")
+    allowed = {value.dtype}
+    if impl == "cuda" and value.dtype in LOW_PRECISION:
+        allowed.add(torch.float32)  # the CUDA kernel reads fp32 locations with 16-bit values
     for name, tensor in (
         ("sampling_locations", sampling_locations),
         ("attention_weights", attention_weights),
     ):
-        if tensor.dtype != value.dtype:
+        if tensor.dtype not in allowed:
             _fail(name, f"has dtype {tensor.dtype} but `value` has {value.dtype}; they must match")
+    if attention_weights.dtype != sampling_locations.dtype:
+        _fail("attention_weights", "must have the dtype of `sampling_locations`")
     for name, tensor in (
         ("spatial_shapes", spatial_shapes),
         ("level_start_index", level_start_index),
@@ -259,12 +269,20 @@ def _check_levels(value, spatial_shapes, level_start_index) -> None:
         )
 
 
-def check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    """Validates the tensor contract; raises ValueError naming the offending argument."""
+def check_inputs(
+    value,
+    spatial_shapes,
+    level_start_index,
+    sampling_locations,
+    attention_weights,
+    impl: str = "reference",
+):
+    """Validates the tensor contract for implementation ``impl``; raises ValueError naming the
+    offending argument."""
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _check_ranks(*args)
     _check_sizes(*args)
-    _check_dtypes_devices(*args)
+    _check_dtypes_devices(*args, impl)
     _check_levels(value, spatial_shapes, level_start_index)
 
 
@@ -307,9 +325,21 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
 
 
+def _autocast_inputs(choice, amp_dtype, value, sampling_locations, attention_weights):
+    """The float inputs cast for autocast: on the CUDA kernel, value in the autocast dtype (native
+    half / bf16) with fp32 locations and weights (bf16 would round a location by up to ~0.3 pixel
+    on a 152-pixel-wide level); on every other path, everything in fp32."""
+    value_dtype = amp_dtype if choice == "cuda" else torch.float32
+    return (
+        value.to(value_dtype),
+        sampling_locations.to(torch.float32),
+        attention_weights.to(torch.float32),
+    )
+
+
 def _run(choice, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    check_inputs(*args)
+    check_inputs(*args, impl=choice)
     if choice == "reference":
         return ms_deform_attn_reference(*args)
     return _MSDeformAttnFunction.apply(*args)
@@ -338,18 +368,20 @@ def ms_deform_attn(
     if not isinstance(value, torch.Tensor):
         _fail("value", f"must be a torch.Tensor, got {type(value).__name__}")
     choice = resolve_impl(impl, value.device)
-    floats = (value, sampling_locations, attention_weights)
     amp_dtype = _autocast_dtype(value.device.type)
-    if amp_dtype is None:
-        return _run(choice, value, spatial_shapes, level_start_index, *floats[1:])
-    # Under autocast: the CUDA kernel runs natively in half / bf16 (fp32 accumulation); every
-    # other path computes in fp32 with autocast off so grid_sample & co. are not re-cast.
-    compute_dtype = amp_dtype if choice == "cuda" else torch.float32
-    value, sampling_locations, attention_weights = (
-        t.to(compute_dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-        for t in floats
-    )
-    with torch.autocast(device_type=value.device.type, enabled=False):
-        return _run(
-            choice, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    if amp_dtype is not None:
+        value, sampling_locations, attention_weights = _autocast_inputs(
+            choice, amp_dtype, value, sampling_locations, attention_weights
         )
+        with torch.autocast(device_type=value.device.type, enabled=False):
+            return _run(
+                choice,
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+            )
+    return _run(
+        choice, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )

@@ -1,7 +1,8 @@
 // CUDA kernels of multi-scale deformable attention (forward and backward).
 //
 // dtypes: float, double, half, bfloat16; every sum is accumulated in at::opmath_type (fp32 for
-// the 16-bit types, double for double).
+// the 16-bit types, double for double). With half / bf16 values, the sampling locations and
+// attention weights may be fp32 (what autocast passes); their gradients then are fp32 too.
 //
 // Thread mapping: each (n, q, m) head-query is served by a segment of `lanes` consecutive threads
 // (a power of two <= 32, so a segment never straddles a warp). Lane j handles channels
@@ -98,13 +99,15 @@ __device__ __forceinline__ unsigned segment_mask(int lanes) {
   return ((1u << lanes) - 1u) << base;
 }
 
-template <typename scalar_t, int kMaxCpl>
+// loc_t: dtype of the locations and weights: scalar_t, or float for half / bf16 values (autocast
+// keeps the locations in fp32: bf16 would round them by up to ~0.3 pixel on a 152-wide map).
+template <typename scalar_t, typename loc_t, int kMaxCpl>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     ms_deform_attn_forward_kernel(const scalar_t* __restrict__ value,
                                   const int64_t* __restrict__ shapes,
                                   const int64_t* __restrict__ starts,
-                                  const scalar_t* __restrict__ loc,
-                                  const scalar_t* __restrict__ attn, scalar_t* __restrict__ out,
+                                  const loc_t* __restrict__ loc,
+                                  const loc_t* __restrict__ attn, scalar_t* __restrict__ out,
                                   Sizes s, int lanes, int cpl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -116,8 +119,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t row_stride = s.M * s.D;
   const int64_t LP = s.L * s.P;
   const scalar_t* value_head = value + n * s.S * row_stride + m * s.D;
-  const scalar_t* loc_nqm = loc + nqm * LP * 2;
-  const scalar_t* attn_nqm = attn + nqm * LP;
+  const loc_t* loc_nqm = loc + nqm * LP * 2;
+  const loc_t* attn_nqm = attn + nqm * LP;
 
   acc_t acc[kMaxCpl];
 #pragma unroll
@@ -155,17 +158,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
-template <typename scalar_t, int kMaxCpl>
+template <typename scalar_t, typename loc_t, int kMaxCpl>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     ms_deform_attn_backward_kernel(const scalar_t* __restrict__ value,
                                    const int64_t* __restrict__ shapes,
                                    const int64_t* __restrict__ starts,
-                                   const scalar_t* __restrict__ loc,
-                                   const scalar_t* __restrict__ attn,
+                                   const loc_t* __restrict__ loc,
+                                   const loc_t* __restrict__ attn,
                                    const scalar_t* __restrict__ grad_out,
                                    at::opmath_type<scalar_t>* __restrict__ grad_value,
-                                   scalar_t* __restrict__ grad_loc,
-                                   scalar_t* __restrict__ grad_attn, Sizes s, int lanes, int cpl) {
+                                   loc_t* __restrict__ grad_loc,
+                                   loc_t* __restrict__ grad_attn, Sizes s, int lanes, int cpl) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   // Whole segments leave together (the thread count is a multiple of `lanes` and segments are
@@ -179,8 +182,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t row_stride = s.M * s.D;
   const int64_t LP = s.L * s.P;
   const int64_t head_offset = n * s.S * row_stride + m * s.D;
-  const scalar_t* loc_nqm = loc + nqm * LP * 2;
-  const scalar_t* attn_nqm = attn + nqm * LP;
+  const loc_t* loc_nqm = loc + nqm * LP * 2;
+  const loc_t* attn_nqm = attn + nqm * LP;
 
   acc_t go[kMaxCpl];  // this lane's channels of grad_output
 #pragma unroll
@@ -227,9 +230,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       g_w = segment_sum(g_w, mask, lanes);
       g_h = segment_sum(g_h, mask, lanes);
       if (lane == 0) {
-        grad_attn[nqm * LP + lp] = static_cast<scalar_t>(g_attn);
-        grad_loc[(nqm * LP + lp) * 2] = static_cast<scalar_t>(a * g_w * static_cast<acc_t>(W));
-        grad_loc[(nqm * LP + lp) * 2 + 1] = static_cast<scalar_t>(a * g_h * static_cast<acc_t>(H));
+        grad_attn[nqm * LP + lp] = static_cast<loc_t>(g_attn);
+        grad_loc[(nqm * LP + lp) * 2] = static_cast<loc_t>(a * g_w * static_cast<acc_t>(W));
+        grad_loc[(nqm * LP + lp) * 2 + 1] = static_cast<loc_t>(a * g_h * static_cast<acc_t>(H));
       }
     }
   }
@@ -307,16 +310,26 @@ at::Tensor ms_deform_attn_cuda_forward(
   }
   const LaunchShape ls = launch_shape(s);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const bool fp32_locations = loc_c.scalar_type() != value.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_forward", [&] {
-        with_max_cpl(ls.cpl, [&](auto max_cpl) {
-          ms_deform_attn_forward_kernel<scalar_t, decltype(max_cpl)::value>
-              <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
-                  value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
-                  starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
-                  attn_c.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s, ls.lanes, ls.cpl);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        // loc_tag's type is the dtype of the locations and weights (see the kernel).
+        auto launch = [&](auto loc_tag) {
+          using loc_t = decltype(loc_tag);
+          with_max_cpl(ls.cpl, [&](auto max_cpl) {
+            ms_deform_attn_forward_kernel<scalar_t, loc_t, decltype(max_cpl)::value>
+                <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
+                    value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
+                    starts_c.data_ptr<int64_t>(), loc_c.data_ptr<loc_t>(),
+                    attn_c.data_ptr<loc_t>(), output.data_ptr<scalar_t>(), s, ls.lanes, ls.cpl);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        };
+        if (fp32_locations) {
+          launch(float{});
+        } else {
+          launch(scalar_t{});
+        }
       });
   return output;
 }
@@ -347,19 +360,28 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(
   if (grad_out_c.numel() > 0 && value_c.numel() > 0) {
     const LaunchShape ls = launch_shape(s);
     const auto stream = at::cuda::getCurrentCUDAStream();
+    const bool fp32_locations = loc_c.scalar_type() != value.scalar_type();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_cuda_backward", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          with_max_cpl(ls.cpl, [&](auto max_cpl) {
-            ms_deform_attn_backward_kernel<scalar_t, decltype(max_cpl)::value>
-                <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
-                    value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
-                    starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
-                    attn_c.data_ptr<scalar_t>(), grad_out_c.data_ptr<scalar_t>(),
-                    grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<scalar_t>(),
-                    grad_attn.data_ptr<scalar_t>(), s, ls.lanes, ls.cpl);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          });
+          auto launch = [&](auto loc_tag) {
+            using loc_t = decltype(loc_tag);
+            with_max_cpl(ls.cpl, [&](auto max_cpl) {
+              ms_deform_attn_backward_kernel<scalar_t, loc_t, decltype(max_cpl)::value>
+                  <<<static_cast<unsigned>(ls.blocks), kThreadsPerBlock, 0, stream>>>(
+                      value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
+                      starts_c.data_ptr<int64_t>(), loc_c.data_ptr<loc_t>(),
+                      attn_c.data_ptr<loc_t>(), grad_out_c.data_ptr<scalar_t>(),
+                      grad_value_acc.data_ptr<acc_t>(), grad_loc.data_ptr<loc_t>(),
+                      grad_attn.data_ptr<loc_t>(), s, ls.lanes, ls.cpl);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+          };
+          if (fp32_locations) {
+            launch(float{});
+          } else {
+            launch(scalar_t{});
+          }
         });
   }
   auto grad_value =
