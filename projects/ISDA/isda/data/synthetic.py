@@ -49,7 +49,7 @@ CATEGORIES = ("circle", "square", "triangle", "star", "ring")
 CATEGORY_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
 DATASET_PREFIX = "isda_synth"
 # Bumped whenever the generator's output changes, so stale data on disk is regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,12 @@ class SceneParams:
     min_size: int = 128  # image height and width are drawn from [min_size, max_size]
     max_size: int = 160
     min_objects: int = 1  # shapes per mixed scene
-    max_objects: int = 6
-    min_radius: float = 10.0  # shape radius (circumscribed circle)
-    max_radius: float = 32.0
+    max_objects: int = 4
+    min_radius: float = 12.0  # shape radius (circumscribed circle)
+    max_radius: float = 36.0
     identical_fraction: float = 0.25  # share of scenes made of identical copies of one shape
     min_copies: int = 2  # copies per identical scene
-    max_copies: int = 5
+    max_copies: int = 4
     max_identical_radius: float = 22.0  # copies are smaller so that several fit side by side
     min_area: int = 40  # smallest visible area kept, in pixels
     min_visible_fraction: float = 0.5  # occlusion may hide at most half of a shape
