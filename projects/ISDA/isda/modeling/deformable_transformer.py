@@ -27,7 +27,7 @@ class FFN(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear2(self.dropout1(F.relu(self.linear1(x))))
+        y = self.linear2(self.dropout1(F.relu(self.linear1(x), inplace=True)))
         return self.norm(x + self.dropout2(y))
 
 
@@ -94,9 +94,10 @@ def flatten_levels(
         [f.shape[-2:] for f in feats], dtype=torch.long, device=feats[0].device
     )
     level_start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
-    tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+    # permute + flatten is a free view for channels-last maps (and one copy for NCHW maps).
+    tokens = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in feats], 1)
     padding = torch.cat([m.flatten(1) for m in masks], 1)
-    pos_tokens = torch.cat([p.flatten(2).transpose(1, 2) for p in pos], 1)
+    pos_tokens = torch.cat([p.permute(0, 2, 3, 1).flatten(1, 2) for p in pos], 1)
     return tokens, padding, pos_tokens, shapes, level_start
 
 

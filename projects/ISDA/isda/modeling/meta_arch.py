@@ -50,6 +50,7 @@ class ISDA(nn.Module):
         test_mask_threshold: float = 0.5,
         test_maskness: bool = True,
         test_score_threshold: float = 0.0,
+        channels_last: bool = False,
     ):
         super().__init__()
         self.backbone, self.neck, self.transformer = backbone, neck, transformer
@@ -69,6 +70,12 @@ class ISDA(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.test_max_per_image, self.test_mask_threshold = test_max_per_image, test_mask_threshold
         self.test_maskness, self.test_score_threshold = test_maskness, test_score_threshold
+        # Channels-last lets oneDNN (CPU) and cuDNN pick faster convolution kernels; the
+        # transformer reads the maps as (B, HW, C) tokens, which is then a free view.
+        self.channels_last = channels_last
+        if channels_last:
+            for m in (self.backbone, self.neck, self.mask_feature_head):
+                m.to(memory_format=torch.channels_last)
 
     @classmethod
     def from_config(cls, cfg):
@@ -139,6 +146,7 @@ class ISDA(nn.Module):
             "test_mask_threshold": m.TEST.MASK_THRESHOLD,
             "test_maskness": m.TEST.MASKNESS,
             "test_score_threshold": m.TEST.SCORE_THRESHOLD,
+            "channels_last": m.CHANNELS_LAST,
         }
 
     @property
@@ -163,7 +171,10 @@ class ISDA(nn.Module):
 
     def predict(self, images: ImageList):
         """-> class logits (D, B, Q, K), kernels (D, B, Q, E), MFR F (B, E, H/s, W/s)."""
-        pyramid = self.neck(self.backbone(images.tensor))
+        x = images.tensor
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        pyramid = self.neck(self.backbone(x))
         mfr = self.mask_feature_head(pyramid)
         feats = [pyramid[name] for name in self.transformer_levels]
         masks = level_padding_masks(images, feats)
