@@ -1,5 +1,6 @@
 """The multi-scale deformable attention module (Deformable DETR, Sec. 4.1), as used by ISDA's
 encoder self-attention and decoder cross-attention."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,15 @@ class MSDeformAttn(nn.Module):
     ):
         super().__init__()
         if d_model % n_heads != 0:
-            raise ValueError(f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+            raise ValueError(
+                f"MSDeformAttn: d_model={d_model} is not divisible by n_heads={n_heads}"
+            )
+        self.d_model, self.n_levels, self.n_heads, self.n_points = (
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+        )
         self.impl = impl
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -90,7 +98,10 @@ class MSDeformAttn(nn.Module):
         # Offsets are in pixels of each level: normalise by (W_l, H_l).
         normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
         locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+            reference_points[:, :, None, :, None, :]
+            + offsets / normalizer[None, None, None, :, None, :]
         )  # (N, Lq, M, L, P, 2)
-        out = ms_deform_attn(v, spatial_shapes, level_start_index, locations, weights, impl=self.impl)
+        out = ms_deform_attn(
+            v, spatial_shapes, level_start_index, locations, weights, impl=self.impl
+        )
         return self.output_proj(out)

@@ -182,9 +182,12 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     def encode(self, feats, masks, pos):
-        """-> memory (B, S, C), padding (B, S), spatial_shapes (L, 2), level_start (L,), ratios (B, L, 2)"""
+        """-> memory (B, S, C), padding (B, S) or None when nothing is padded, spatial_shapes (L, 2),
+        level_start (L,), ratios (B, L, 2)"""
         pos = [p + self.level_embed[lvl].view(1, -1, 1, 1) for lvl, p in enumerate(pos)]
         src, padding, pos_tokens, shapes, level_start = flatten_levels(feats, masks, pos)
+        if not padding.any():  # a batch without padding: skip 2 x (enc + dec layers) masked fills
+            padding = None
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         refs = encoder_reference_points(shapes, ratios)
         for layer in self.encoder:

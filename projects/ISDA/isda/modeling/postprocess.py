@@ -39,7 +39,9 @@ def masks_to_boxes(masks: torch.Tensor) -> Boxes:
     n, H, W = masks.shape
     if n == 0 or H == 0 or W == 0:
         return Boxes(torch.zeros((n, 4), dtype=torch.float32, device=masks.device))
-    x_any, y_any = masks.any(1), masks.any(2)  # (n, W), (n, H)
+    # amax over a uint8 view is several times faster than bool any() on CPU, and identical.
+    as_bytes = masks.view(torch.uint8)
+    x_any, y_any = as_bytes.amax(1) > 0, as_bytes.amax(2) > 0  # (n, W), (n, H)
     xs = torch.arange(W, device=masks.device)
     ys = torch.arange(H, device=masks.device)
     x0 = torch.where(x_any, xs, W).amin(1)

@@ -1,0 +1,493 @@
+"""Whole-model benchmarks: ISDA against Detectron2's Mask R-CNN R50-FPN, on the same machine and run.
+
+    .venv/bin/python benchmarks/bench_model.py inference [--device cpu] [--repeats 5]
+    .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3]
+    .venv/bin/python benchmarks/bench_model.py scaling   [--device cpu] [--plot benchmarks/scaling.png]
+
+Both models use random weights (nothing can be downloaded here) and the same 800 x 1216 image.
+Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it returns 100 masks per image
+(with random weights it would otherwise return few and do less mask work).
+
+* inference: the two models alternate, one image at a time, under ``torch.inference_mode``; the table
+  gives the median of --repeats and ISDA's per-stage breakdown (forward hooks; post-processing is the
+  remainder of the total).
+* train: one iteration (forward, backward, AdamW step) at batch 1 with 10 ground-truth instances, with
+  the same per-stage breakdown of the forward pass, and the peak memory above the level before the
+  step. ``isda (released-code loss)`` recomputes all Q masks of all decoder layers with gradient, as
+  the authors' code does; ``isda`` (this project) matches without gradient and recomputes only the
+  matched masks: the losses are identical (checked), the cost is not.
+* scaling: ISDA inference time and peak memory against the image's short side and the query count.
+
+Memory (CPU) is measured in a child process per case, with glibc's mmap threshold lowered so freed
+blocks leave the RSS: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before.
+On CUDA it is torch.cuda.max_memory_allocated() above the allocation before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Dict, List
+
+import torch
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ms_deform_attn import MMAP_THRESHOLD, describe_machine, peak_memory_mib  # noqa: E402
+
+from isda import add_isda_config  # noqa: E402
+from isda.modeling.criterion import SetCriterion  # noqa: E402
+from isda.modeling.mask_head import dynamic_mask_logits  # noqa: E402
+from isda.solver import build_isda_optimizer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ISDA_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "isda_R_50_12ep.yaml")
+MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
+IMAGE_HW = (800, 1216)
+NUM_GT = 10
+ISDA_STAGES = (
+    ("backbone", "backbone"),
+    ("neck", "neck"),
+    ("mask feature head", "mask_feature_head"),
+    ("encoder", "transformer.encoder"),
+    ("decoder", "transformer.decoder"),
+    ("mask head", "mask_head"),
+)
+MRCNN_STAGES = (
+    ("backbone+FPN", "backbone"),
+    ("RPN", "proposal_generator"),
+    ("ROI heads", "roi_heads"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and inputs
+# ---------------------------------------------------------------------------------------------
+def build_isda(device: str, *opts) -> torch.nn.Module:
+    cfg = get_cfg()
+    add_isda_config(cfg)
+    cfg.merge_from_file(ISDA_CONFIG)
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, *map(str, opts)])
+    return build_model(cfg), cfg
+
+
+def build_mask_rcnn(device: str) -> torch.nn.Module:
+    cfg = model_zoo.get_config(MASK_RCNN_CONFIG)
+    cfg.merge_from_list(
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    )
+    return build_model(cfg), cfg
+
+
+def calibrate_frozen_bn(model: torch.nn.Module, inputs) -> None:
+    """Sets every FrozenBN's statistics to those of its input on ``inputs`` (one pass, in order).
+
+    A random ResNet with identity FrozenBN blows activations up layer after layer; Mask R-CNN's RPN
+    then scores all anchors alike and keeps ~1 proposal, so its ROI heads would do almost no work.
+    With calibrated statistics both models see unit-scale features, the RPN keeps its 1000
+    proposals and the ROI heads return 100 detections, the workload of a trained model.
+    """
+
+    def set_stats(module, args):
+        x = args[0].float()
+        module.running_mean.copy_(x.mean((0, 2, 3)))
+        module.running_var.copy_(x.var((0, 2, 3)) + module.eps)
+
+    handles = [
+        m.register_forward_pre_hook(set_stats)
+        for m in model.modules()
+        if isinstance(m, FrozenBatchNorm2d)
+    ]
+    with torch.inference_mode():
+        was_training = model.training
+        model.eval()
+        model(inputs)
+        model.train(was_training)
+    for h in handles:
+        h.remove()
+
+
+def make_input(hw, device: str, with_gt: bool, seed: int = 0) -> Dict:
+    """One Detectron2 input dict; with_gt adds NUM_GT rectangular instances."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = hw
+    sample = {
+        "image": torch.randint(0, 256, (3, H, W), generator=g, dtype=torch.uint8),
+        "height": H,
+        "width": W,
+    }
+    if with_gt:
+        masks = torch.zeros(NUM_GT, H, W, dtype=torch.bool)
+        for i in range(NUM_GT):
+            y, x = (
+                torch.randint(0, H - 200, (1,), generator=g).item(),
+                torch.randint(0, W - 200, (1,), generator=g).item(),
+            )
+            h, w = torch.randint(40, 200, (2,), generator=g).tolist()
+            masks[i, y : y + h, x : x + w] = True
+        inst = Instances((H, W))
+        inst.gt_masks = BitMasks(masks)
+        inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+        inst.gt_classes = torch.randint(0, 80, (NUM_GT,), generator=g)
+        sample["instances"] = inst
+    return sample
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class StageTimer:
+    """Forward hooks that sum the wall time spent inside named submodules (or module lists)."""
+
+    def __init__(self, model, stages, device):
+        self.totals, self.device, self.handles = defaultdict(float), device, []
+        for label, path in stages:
+            module = model.get_submodule(path)
+            for m in module if isinstance(module, torch.nn.ModuleList) else [module]:
+                self._attach(label, m)
+
+    def _attach(self, label, module):
+        def pre(*_):
+            _sync(self.device)
+            module._bench_start = time.perf_counter()
+
+        def post(*_):
+            _sync(self.device)
+            self.totals[label] += time.perf_counter() - module._bench_start
+
+        self.handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+    def reset(self):
+        self.totals.clear()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_ms(values: List[float]) -> float:
+    return 1e3 * statistics.median(values)
+
+
+def stage_rows(name, totals, stage_samples, stages, rest_label):
+    """Table rows: the total, then each stage's median and the remainder."""
+    total = _median_ms(totals)
+    rows = [(name, "total", total)]
+    known = 0.0
+    for label, _ in stages:
+        ms = _median_ms([s.get(label, 0.0) for s in stage_samples])
+        known += ms
+        rows.append((name, label, ms))
+    rows.append((name, rest_label, max(total - known, 0.0)))
+    return rows
+
+
+def print_rows(title, rows, header=("model", "stage", "median ms")):
+    print(f"\n{title}")
+    print(f"| {header[0]} | {header[1]} | {header[2]} |\n| --- | --- | ---: |")
+    for model, stage, ms in rows:
+        print(f"| {model} | {stage} | {ms:.1f} |")
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+def bench_inference(args):
+    isda, _ = build_isda(args.device)
+    mrcnn, _ = build_mask_rcnn(args.device)
+    x = [make_input(IMAGE_HW, args.device, with_gt=False)]
+    for model in (isda, mrcnn):
+        calibrate_frozen_bn(model, x)
+        model.eval()
+    timers = {
+        "isda": StageTimer(isda, ISDA_STAGES, args.device),
+        "mask r-cnn": StageTimer(mrcnn, MRCNN_STAGES, args.device),
+    }
+    samples = {k: ([], []) for k in timers}
+    with torch.inference_mode():
+        detections = {
+            name: len(m(x)[0]["instances"]) for name, m in (("isda", isda), ("mask r-cnn", mrcnn))
+        }
+        for _ in range(args.repeats):
+            for name, model in (("isda", isda), ("mask r-cnn", mrcnn)):
+                timers[name].reset()
+                samples[name][0].append(timed(lambda: model(x), args.device))
+                samples[name][1].append(dict(timers[name].totals))
+    rows = stage_rows("ISDA R50", *samples["isda"], ISDA_STAGES, "pre/post-processing")
+    rows += stage_rows(
+        "Mask R-CNN R50-FPN", *samples["mask r-cnn"], MRCNN_STAGES, "pre/post-processing"
+    )
+    print_rows(
+        f"Inference, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, fp32, {args.device}, median of {args.repeats}",
+        rows,
+    )
+    ratio = _median_ms(samples["isda"][0]) / _median_ms(samples["mask r-cnn"][0])
+    print(
+        f"\nDetections returned: ISDA {detections['isda']}, Mask R-CNN {detections['mask r-cnn']}"
+    )
+    print(f"ISDA / Mask R-CNN time ratio: {ratio:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+class ReleasedCodeCriterion(SetCriterion):
+    """The authors' loss path: every layer rebuilds all Q masks with gradient and weights the
+    unmatched ones by zero. Same value as SetCriterion, kept here only as the 'before' of the table.
+    """
+
+    def layer_losses(self, logits, kernels, mfr, targets, num_masks):
+        all_masks = dynamic_mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
+        indices = self.matcher(logits, all_masks.detach(), targets)
+        total = all_masks.sum() * 0.0
+        for b, (q, g) in enumerate(indices):
+            weight = torch.zeros(all_masks.shape[1], device=all_masks.device)
+            weight[q] = 1.0
+            target = torch.zeros_like(all_masks[b])
+            target[q] = targets[b]["masks"][g]
+            per_query = self.mask_loss_fn(all_masks[b].flatten(1).sigmoid(), target.flatten(1))
+            total = total + (weight * per_query).sum()
+        return {
+            "loss_cls": self.class_weight * self.class_loss(logits, targets, indices) / num_masks,
+            "loss_mask": self.mask_weight * total / num_masks,
+        }
+
+
+def train_case(model_name: str, device: str):
+    """-> (model, step function, stages) for one train-step case."""
+    if model_name.startswith("isda"):
+        model, cfg = build_isda(device)
+        if model_name == "isda-released-loss":
+            model.criterion.__class__ = ReleasedCodeCriterion
+        stages = ISDA_STAGES
+    else:
+        model, cfg = build_mask_rcnn(device)
+        stages = MRCNN_STAGES
+    x = [make_input(IMAGE_HW, device, with_gt=True)]
+    calibrate_frozen_bn(model, x)
+    model.train()
+    optimizer = (
+        build_isda_optimizer(cfg, model)
+        if model_name.startswith("isda")
+        else torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    )
+
+    def step():
+        losses = model(x)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        return {k: v.item() for k, v in losses.items()}
+
+    return model, step, stages
+
+
+TRAIN_NAMES = {
+    "isda": "ISDA R50",
+    "isda-released-loss": "ISDA R50 (released-code loss)",
+    "mask-rcnn": "Mask R-CNN R50-FPN",
+}
+
+
+def bench_train(args):
+    rows, peaks, loss_values = [], {}, {}
+    for name in TRAIN_NAMES:
+        peaks[name] = _child_memory(["train-memory", "--device", args.device, "--case", name])
+        torch.manual_seed(0)
+        model, step, stages = train_case(name, args.device)
+        timer = StageTimer(model, stages, args.device)
+        torch.manual_seed(0)
+        loss_values[name] = step()  # warm-up; the first step's losses are compared below
+        totals, stage_samples = [], []
+        for _ in range(args.repeats):
+            timer.reset()
+            totals.append(timed(step, args.device))
+            stage_samples.append(dict(timer.totals))
+        rows += stage_rows(
+            TRAIN_NAMES[name], totals, stage_samples, stages, "loss + backward + step"
+        )
+        del model
+    print_rows(
+        f"Training iteration, batch 1, {IMAGE_HW[0]}x{IMAGE_HW[1]}, {NUM_GT} GT, fp32, {args.device}, "
+        f"median of {args.repeats}",
+        rows,
+    )
+    print("\n| model | peak memory above start (MiB) |\n| --- | ---: |")
+    for name, peak in peaks.items():
+        print(f"| {TRAIN_NAMES[name]} | {peak:.0f} |")
+    a, b = loss_values["isda"], loss_values["isda-released-loss"]
+    diff = max(abs(a[k] - b[k]) for k in a)
+    print(f"\nISDA losses, this project vs released-code path: max abs difference {diff:.2e}")
+
+
+def _train_memory(args):
+    torch.manual_seed(0)
+    _, step, _ = train_case(args.case, args.device)
+    step()  # allocate optimizer state and caches first
+    print(json.dumps(peak_memory_mib(step, args.device)))
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling
+# ---------------------------------------------------------------------------------------------
+def _scaled_hw(short: int):
+    return short, int(round(short * IMAGE_HW[1] / IMAGE_HW[0] / 32)) * 32
+
+
+def _scaling_point(args):
+    """Child: ISDA inference at one (short side, queries); prints {ms, mib}."""
+    model, _ = build_isda(
+        args.device,
+        "MODEL.ISDA.NUM_QUERIES",
+        args.queries,
+        "MODEL.ISDA.TEST.MAX_PER_IMAGE",
+        min(100, args.queries * 80),
+    )
+    x = [make_input(_scaled_hw(args.short), args.device, with_gt=False)]
+    calibrate_frozen_bn(model, x)
+    model.eval()
+    with torch.inference_mode():
+        model(x)
+        times = [timed(lambda: model(x), args.device) for _ in range(args.repeats)]
+        mib = peak_memory_mib(lambda: model(x), args.device)
+    print(json.dumps({"ms": _median_ms(times), "mib": mib}))
+
+
+def bench_scaling(args):
+    points = [(s, 300) for s in args.sizes] + [(800, q) for q in args.queries_list if q != 300]
+    results = {}
+    print(f"\nISDA inference scaling, fp32, {args.device}, median of {args.repeats}")
+    print(
+        "| short side | image | queries | median ms | peak MiB |\n| ---: | --- | ---: | ---: | ---: |"
+    )
+    for short, q in points:
+        r = _child(
+            [
+                "scaling-point",
+                "--device",
+                args.device,
+                "--short",
+                str(short),
+                "--queries",
+                str(q),
+                "--repeats",
+                str(args.repeats),
+            ]
+        )
+        results[(short, q)] = r
+        h, w = _scaled_hw(short)
+        print(f"| {short} | {h}x{w} | {q} | {r['ms']:.0f} | {r['mib']:.0f} |", flush=True)
+    if args.plot:
+        _plot_scaling(results, args)
+
+
+def _plot_scaling(results, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    sizes = sorted(s for s, q in results if q == 300)
+    queries = sorted(q for s, q in results if s == 800)
+    for ax, key, label in (
+        (axes[0], "ms", "median time (ms)"),
+        (axes[1], "mib", "peak memory (MiB)"),
+    ):
+        ax.plot(
+            sizes,
+            [results[(s, 300)][key] for s in sizes],
+            "o-",
+            label="vs short side (300 queries)",
+        )
+        ax2 = ax.twiny()
+        ax2.plot(
+            queries,
+            [results[(800, q)][key] for q in queries],
+            "s--",
+            color="tab:orange",
+            label="vs queries (short side 800)",
+        )
+        ax.set_xlabel("image short side (px)")
+        ax2.set_xlabel("queries")
+        ax.set_ylabel(label)
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"ISDA R50 inference, {args.device}")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=100)
+    print(f"\nplot: {args.plot}")
+
+
+# ---------------------------------------------------------------------------------------------
+def _child(argv: List[str]):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *argv],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _child_memory(argv: List[str]) -> float:
+    return _child(argv)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "mode", choices=["inference", "train", "scaling", "train-memory", "scaling-point"]
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 800, 1024, 1333])
+    p.add_argument("--queries-list", type=int, nargs="+", default=[100, 300, 900])
+    p.add_argument("--plot", default=None, help="scaling: write a PNG plot here")
+    p.add_argument("--case", choices=list(TRAIN_NAMES), help=argparse.SUPPRESS)
+    p.add_argument("--short", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--queries", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.mode in ("inference", "train", "scaling"):
+        print(describe_machine())
+    {
+        "inference": bench_inference,
+        "train": bench_train,
+        "scaling": bench_scaling,
+        "train-memory": _train_memory,
+        "scaling-point": _scaling_point,
+    }[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
