@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from isda.data.synthetic import register_synthetic_datasets
 
@@ -42,7 +43,7 @@ def demo_run(tmp_path_factory):
         "--train-size", "6",
         "--val-size", "3",
         "--num-vis", "2",
-        "--num-threads", "0",
+        "--num-threads", str(torch.get_num_threads()),  # leave the session's setting as it is
     ]  # fmt: skip
     results = run_demo.main(argv + TINY_OPTS)
     yield out, data, argv, results

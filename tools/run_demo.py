@@ -47,7 +47,7 @@ from isda.data.synthetic import (  # noqa: E402
     generate_synthetic_dataset,
     register_synthetic_datasets,
 )
-from train_net import Trainer, setup  # noqa: E402
+from train_net import Trainer, configure_cpu_threads, setup  # noqa: E402
 
 logger = logging.getLogger("detectron2.run_demo")
 
@@ -70,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--num-threads",
         type=int,
-        default=1,
-        help="torch CPU threads (default %(default)s: with a loader worker, this fills 2 cores)",
+        default=0,
+        help="torch CPU threads; 0 (default) = as train_net.py: all cores, or $OMP_NUM_THREADS."
+        " Use 1 when other jobs share the cores: oversubscribed threads slow training tenfold",
     )
     p.add_argument("--retrain", action="store_true", help="train even if a finished model exists")
     p.add_argument("--train-size", type=int, default=DEFAULT_SPLITS["train"].num_images)
@@ -229,11 +230,12 @@ def format_results(results, datasets):
 def main(argv=None):
     """Runs the demo; returns the evaluation results."""
     args = parse_args(argv)
-    if args.num_threads > 0:
-        # More OpenMP threads than free cores makes every op wait for a preempted thread.
-        torch.set_num_threads(args.num_threads)
     start = time.perf_counter()
     cfg = build_cfg(args)
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
+    else:
+        configure_cpu_threads(cfg)
     prepare_data(args)
     t_train = time.perf_counter()
     results = train(cfg, args.retrain)
