@@ -159,6 +159,10 @@ def validate_isda_config(cfg):
         cfg.SOLVER.OPTIMIZER in ("ADAMW", "SGD"),
         f"SOLVER.OPTIMIZER={cfg.SOLVER.OPTIMIZER!r} must be ADAMW or SGD",
     )
+    check(
+        not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"),
+        "SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda (Detectron2's AMPTrainer is CUDA-only)",
+    )
     _validate_depth_and_mfr(m, check)
     _validate_losses(m, check)
     _validate_input_and_solver(cfg, check)
