@@ -59,6 +59,7 @@ def test_config_loads_and_its_model_builds(config, tmp_path):
         (["MODEL.ISDA.DEC_LAYERS", 0], "DEC_LAYERS"),
         (["MODEL.ISDA.NUM_FEATURE_LEVELS", 5], "NUM_FEATURE_LEVELS"),
         (["MODEL.ISDA.MSDA_IMPL", "triton"], "MSDA_IMPL"),
+        (["SOLVER.AMP.ENABLED", True], "SOLVER.AMP.ENABLED"),
     ],
 )
 def test_impossible_values_fail_naming_the_key(opts, key):
