@@ -42,6 +42,7 @@ from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
+from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ms_deform_attn import MMAP_THRESHOLD, describe_machine, peak_memory_mib  # noqa: E402
@@ -297,7 +298,8 @@ def train_case(model_name: str, device: str):
     )
 
     def step():
-        losses = model(x)
+        with EventStorage():  # Mask R-CNN logs training statistics there
+            losses = model(x)
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
