@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny generated dataset, the tiny CPU config, and a runner for train_net.py."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -41,6 +42,20 @@ def tiny_cfg(*opts):
     cfg.merge_from_file(str(TINY_CONFIG))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def train_net_args(config=TINY_CONFIG, *opts) -> argparse.Namespace:
+    """The arguments train_net.setup() receives from its command line, without running it."""
+    return argparse.Namespace(
+        config_file=str(config),
+        opts=[str(o) for o in opts],
+        eval_only=False,
+        resume=False,
+        num_gpus=1,
+        num_machines=1,
+        machine_rank=0,
+        dist_url="auto",
+    )
 
 
 def run_train_net(*args, timeout=600, check=True) -> subprocess.CompletedProcess:

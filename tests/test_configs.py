@@ -1,29 +1,13 @@
 """Every YAML in configs/ loads through train_net.setup(), and the model it describes builds."""
 
-import argparse
-from pathlib import Path
-
 import pytest
 from detectron2.modeling import build_model
 
-from conftest import REPO, tiny_cfg
+from conftest import REPO, tiny_cfg, train_net_args
 from isda.config import validate_isda_config
 from train_net import setup
 
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml"))
-
-
-def _args(config: Path, *opts):
-    return argparse.Namespace(
-        config_file=str(config),
-        opts=list(opts),
-        eval_only=False,
-        resume=False,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-    )
 
 
 def test_configs_folder_is_not_empty():
@@ -39,7 +23,9 @@ def test_configs_folder_is_not_empty():
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_loads_and_its_model_builds(config, tmp_path):
     cfg = setup(
-        _args(config, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path))
+        train_net_args(
+            config, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path)
+        )
     )
     model = build_model(cfg)
     m = cfg.MODEL.ISDA

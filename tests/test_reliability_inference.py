@@ -1,7 +1,6 @@
 """Failure behaviour, inference and files: empty outputs, very large inputs, safe checkpoint
 loading and config errors at startup (README "Failure behaviour")."""
 
-import argparse
 import os
 import pickle
 import subprocess
@@ -16,7 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.visualizer import Visualizer
 
-from conftest import REPO, TINY_CONFIG, tiny_cfg
+from conftest import REPO, TINY_CONFIG, tiny_cfg, train_net_args
 from isda.config import MAX_TRANSFORMER_LAYERS
 from isda.engine import SafeDetectionCheckpointer
 from train_net import setup
@@ -92,19 +91,6 @@ def test_files_that_need_pickle_are_refused_unless_trusted(tmp_path):
     assert marker.exists()
 
 
-def _args(*opts):
-    return argparse.Namespace(
-        config_file=str(TINY_CONFIG),
-        opts=[str(o) for o in opts],
-        eval_only=False,
-        resume=False,
-        num_gpus=1,
-        num_machines=1,
-        machine_rank=0,
-        dist_url="auto",
-    )
-
-
 @pytest.mark.parametrize(
     "opts,key",
     [
@@ -123,7 +109,7 @@ def _args(*opts):
 )
 def test_bad_configs_fail_at_startup_naming_the_key(opts, key, tmp_path):
     with pytest.raises((ValueError, AssertionError), match=key.replace(".", r"\.")):
-        setup(_args(*opts, "OUTPUT_DIR", tmp_path))
+        setup(train_net_args(TINY_CONFIG, *opts, "OUTPUT_DIR", tmp_path))
 
 
 def test_deepest_supported_decoder_builds_and_trains():
