@@ -28,6 +28,16 @@ TRANSFORMER_LEVELS = ("p3", "p4", "p5", "p6")
 
 @META_ARCH_REGISTRY.register()
 class ISDA(nn.Module):
+    """End-to-end, NMS-free instance segmentation with position-aware dynamic kernels.
+
+    Built from a config through ``from_config`` (all keys under MODEL.ISDA), or directly from its
+    parts: ``backbone`` gives C2..C5, ``neck`` P2..P6, ``transformer`` the decoder states of every
+    layer for ``num_queries`` learned queries over the first ``num_feature_levels`` of P3..P6,
+    ``mask_feature_head`` the MFR F at ``mfr_stride``, ``mask_head`` class logits and kernels, and
+    ``criterion`` the training losses. The ``test_*`` arguments configure inference (see
+    :func:`isda.modeling.postprocess.instances_from_query_outputs`).
+    """
+
     @configurable
     def __init__(
         self,
