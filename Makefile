@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 K ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lock bench
+.PHONY: setup test demo lock
 
 setup:
 	@bash scripts/setup_env.sh
