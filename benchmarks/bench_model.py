@@ -26,7 +26,6 @@ On CUDA it is torch.cuda.max_memory_allocated() above the allocation before the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -318,7 +317,7 @@ TRAIN_NAMES = {
 def bench_train(args):
     rows, peaks, loss_values = [], {}, {}
     for name in TRAIN_NAMES:
-        peaks[name] = _child_memory(["train-memory", "--device", args.device, "--case", name])
+        peaks[name] = _child(["train-memory", "--device", args.device, "--case", name])
         torch.manual_seed(0)
         model, step, stages = train_case(name, args.device)
         timer = StageTimer(model, stages, args.device)
@@ -456,10 +455,6 @@ def _child(argv: List[str]):
         text=True,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
-
-
-def _child_memory(argv: List[str]) -> float:
-    return _child(argv)
 
 
 def parse_args(argv=None):

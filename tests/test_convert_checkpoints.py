@@ -9,7 +9,6 @@ a test.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

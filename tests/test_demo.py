@@ -1,6 +1,5 @@
 """The demo pipeline (tools/run_demo.py) and the image demo (demo.py), run for real on tiny sizes."""
 
-import json
 import os
 import subprocess
 import sys

@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import REPO, TINY_CONFIG, tiny_cfg
 from isda.data import ISDADatasetMapper
 from isda.data.sample_checks import check_dataset_categories
-from isda.engine import DataIssueCounter, SkippedImageFilter
+from isda.engine import SkippedImageFilter
 
 CATEGORY_IDS = (3, 7, 11)  # not contiguous, on purpose
 OBJECT = (10, 12, 40, 36)  # x0, y0, x1, y1 of the bright square in every readable image
