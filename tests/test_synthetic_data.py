@@ -1,8 +1,11 @@
 """The synthetic shapes dataset: deterministic, valid COCO, varied scenes, registered in Detectron2."""
 
+import colorsys
 import filecmp
 import json
 import os
+
+import cv2
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -14,6 +17,7 @@ from pycocotools.coco import COCO
 from isda.data.synthetic import (
     CATEGORIES,
     DEFAULT_SPLITS,
+    SceneParams,
     dataset_name,
     generate_split,
     generate_synthetic_dataset,
@@ -117,6 +121,54 @@ def test_scenes_include_occlusion_border_contact_and_identical_copies(train_json
     assert (
         len({len(coco.getAnnIds(imgIds=[i])) for i in coco.getImgIds()}) > 2
     ), "object counts vary"
+
+
+def _instance_hues(json_file):
+    """(category index, hue in degrees, RGB) of every shape, read back from the written images:
+    the median colour of its visible mask, eroded so that blurred edges do not count."""
+    coco = COCO(json_file)
+    image_dir = os.path.join(os.path.dirname(os.path.dirname(json_file)), "train")
+    out = []
+    for img_id, img in coco.imgs.items():
+        pixels = cv2.imread(os.path.join(image_dir, img["file_name"]))[:, :, ::-1]
+        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[img_id])):
+            core = cv2.erode(mask_util.decode(ann["segmentation"]), np.ones((5, 5), np.uint8))
+            if core.sum() < 10:
+                continue
+            rgb = np.median(pixels[core > 0], axis=0)
+            hue = colorsys.rgb_to_hsv(*(rgb / 255.0))[0] * 360
+            out.append((ann["category_id"] - 1, hue, rgb))
+    return out
+
+
+def _hue_distance(a, b):
+    d = abs(a - b) % 360
+    return min(d, 360 - d)
+
+
+def test_each_category_keeps_to_its_hue_band_while_colours_vary(train_json):
+    band = SceneParams().hue_band
+    shapes = _instance_hues(train_json)
+    assert len(shapes) > 20
+    for category, hue, _ in shapes:
+        centre = 360 * category / len(CATEGORIES)
+        # Shading, noise and blur move the hue a little beyond the drawn band.
+        assert _hue_distance(hue, centre) <= band / 2 + 12, (CATEGORIES[category], hue)
+    for category in range(len(CATEGORIES)):
+        rgbs = np.array([rgb for c, _, rgb in shapes if c == category])
+        assert len(rgbs) >= 2 and rgbs.std(0).max() > 15, f"{CATEGORIES[category]}: one colour"
+
+
+def test_without_hue_band_colours_do_not_follow_the_category(tmp_path):
+    json_file = generate_split(
+        str(tmp_path), "train", NUM_IMAGES, seed=0, params=SceneParams(hue_band=None)
+    )
+    shapes = _instance_hues(json_file)
+    off_band = [
+        _hue_distance(hue, 360 * c / len(CATEGORIES)) > SceneParams().hue_band / 2 + 12
+        for c, hue, _ in shapes
+    ]
+    assert sum(off_band) > len(shapes) / 3
 
 
 def test_identical_split_holds_only_look_alike_copies(tmp_path):

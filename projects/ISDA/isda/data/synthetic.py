@@ -1,7 +1,9 @@
 """A procedural instance-segmentation dataset ("isda_synth"), deterministic by seed.
 
 Each scene is a small RGB image of geometric shapes (circle, square, triangle, star, ring) on a
-textured or noisy background. Shapes have random sizes, rotations and colours; later shapes occlude
+textured or noisy background. Shapes have random sizes, rotations and colours; by default each
+category draws its colour from its own band of hues (``SceneParams.hue_band``; None makes colours
+independent of the category, a harder task than the 10-minute demo can learn). Later shapes occlude
 earlier ones, and each annotation is the *visible* part after occlusion, so the masks of one image
 never overlap. Shapes may be cut by the image border. A share of the scenes holds several identical
 copies of one shape (same class, size, rotation and colour) that only their position tells apart:
@@ -19,11 +21,13 @@ splits in Detectron2's catalogs under ``isda_synth_{split}``; a split missing on
 the first time its dicts are requested.
 """
 
+import colorsys
 import json
 import logging
 import os
 import zlib
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -49,7 +53,7 @@ CATEGORIES = ("circle", "square", "triangle", "star", "ring")
 CATEGORY_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
 DATASET_PREFIX = "isda_synth"
 # Bumped whenever the generator's output changes, so stale data on disk is regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -60,16 +64,20 @@ class SceneParams:
     max_size: int = 160
     min_objects: int = 1  # shapes per mixed scene
     max_objects: int = 4
-    min_radius: float = 12.0  # shape radius (circumscribed circle)
+    min_radius: float = 16.0  # shape radius (circumscribed circle)
     max_radius: float = 36.0
-    identical_fraction: float = 0.25  # share of scenes made of identical copies of one shape
+    identical_fraction: float = 0.15  # share of scenes made of identical copies of one shape
     min_copies: int = 2  # copies per identical scene
     max_copies: int = 4
-    max_identical_radius: float = 22.0  # copies are smaller so that several fit side by side
+    max_identical_radius: float = 24.0  # copies are smaller so that several fit side by side
     min_area: int = 40  # smallest visible area kept, in pixels
     min_visible_fraction: float = 0.5  # occlusion may hide at most half of a shape
     min_color_distance: float = 80.0  # RGB distance of a shape from the background mean
     placement_attempts: int = 30  # tries per shape before it is skipped
+    # Width in degrees of each category's hue band, centred on evenly spaced hues (saturation and
+    # brightness stay random). A colour cue lets a from-scratch model learn the classes in minutes;
+    # shape alone takes it far longer. None: any colour for any category.
+    hue_band: Optional[float] = 20.0
 
 
 @dataclass(frozen=True)
@@ -180,15 +188,25 @@ def _background(rng, height, width):
     return image + rng.normal(0, rng.uniform(2, 15), size=image.shape)
 
 
-def _object_color(rng, background_mean, params, avoid=()):
-    """A colour far from the background mean (and from ``avoid`` colours, if possible)."""
-    color = _random_color(rng)
+def _category_color(rng, category, params):
+    """An RGB colour in [0, 255]: any colour, or one from the category's hue band."""
+    if params.hue_band is None:
+        return _random_color(rng)
+    centre = category / len(CATEGORIES)
+    hue = (centre + rng.uniform(-0.5, 0.5) * params.hue_band / 360.0) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0))
+    return np.asarray(rgb) * 255.0
+
+
+def _object_color(rng, background_mean, params, category, avoid=()):
+    """A colour for ``category`` far from the background mean (and from ``avoid``, if possible)."""
+    color = _category_color(rng, category, params)
     for _ in range(50):
         far_from_bg = np.linalg.norm(color - background_mean) >= params.min_color_distance
         far_from_others = all(np.linalg.norm(color - c) >= 50 for c in avoid)
         if far_from_bg and far_from_others:
             break
-        color = _random_color(rng)
+        color = _category_color(rng, category, params)
     return color
 
 
@@ -234,7 +252,7 @@ def _mixed_scene(rng, image, labels, params):
                 break
         else:
             continue  # no room for this shape
-        color = _object_color(rng, bg_mean, params, avoid=colors)
+        color = _object_color(rng, bg_mean, params, category, avoid=colors)
         _paint(image, mask, color, (rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.8)))
         labels[mask > 0] = len(objects) + 1
         objects.append((category, area))
@@ -249,7 +267,7 @@ def _identical_scene(rng, image, labels, params):
     category = int(rng.integers(len(CATEGORIES)))
     radius = rng.uniform(params.min_radius, params.max_identical_radius)
     angle = rng.uniform(0, 2 * np.pi)
-    color = _object_color(rng, image.mean(axis=(0, 1)), params)
+    color = _object_color(rng, image.mean(axis=(0, 1)), params, category)
     shading = (rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.8))
     occupied = np.zeros_like(labels, dtype=np.uint8)
     # A 3 px gap keeps the copies separate shapes rather than one merged blob.
