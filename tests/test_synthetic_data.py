@@ -225,6 +225,29 @@ def test_registered_split_missing_on_disk_is_generated_on_first_use(tmp_path):
 
 
 @pytest.mark.usefixtures("restore_default_registration")
+def test_registered_split_of_another_generator_version_is_regenerated(tmp_path):
+    root = str(tmp_path)
+    json_file = generate_synthetic_dataset(root, splits=["val"], num_images={"val": 2})["val"]
+    stale = _load(json_file)
+    stale["info"]["generator_version"] -= 1
+    with open(json_file, "w") as f:
+        json.dump(stale, f)
+    register_synthetic_datasets(root, splits=["val"])
+    dicts = DatasetCatalog.get(dataset_name("val"))
+    assert len(dicts) == DEFAULT_SPLITS["val"].num_images
+    assert _load(json_file)["info"]["generator_version"] == stale["info"]["generator_version"] + 1
+
+
+@pytest.mark.usefixtures("restore_default_registration")
+def test_registered_split_of_this_version_is_used_as_written(tmp_path):
+    root = str(tmp_path)
+    json_file = generate_split(root, "val", 3, params=SceneParams(hue_band=None))
+    register_synthetic_datasets(root, splits=["val"])
+    assert len(DatasetCatalog.get(dataset_name("val"))) == 3
+    assert _load(json_file)["info"]["params"]["hue_band"] is None
+
+
+@pytest.mark.usefixtures("restore_default_registration")
 def test_dataset_dicts_map_to_bitmask_instances(tmp_path):
     generate_synthetic_dataset(str(tmp_path), splits=["val"], num_images={"val": 2})
     register_synthetic_datasets(str(tmp_path), splits=["val"])

@@ -452,11 +452,34 @@ def generate_synthetic_dataset(
     return out
 
 
+def _generator_version(json_file):
+    """The generator version recorded in a split's JSON, or None if it cannot be read."""
+    try:
+        with open(json_file, "rb") as f:
+            return json.load(f).get("info", {}).get("generator_version")
+    except (OSError, ValueError):
+        return None
+
+
 def _load_split(root, split, name):
+    """Dataset dicts of one split. A missing split, or one written by another generator version
+    (its scenes no longer match this code), is generated first with the default size; a split of
+    this version is used as it is, whatever its size and SceneParams."""
     json_file, image_root = _split_paths(root, split)
     if not os.path.isfile(json_file):
         logger.info("Split %r is missing under %s; generating it", split, root)
         generate_synthetic_dataset(root, splits=[split])
+    else:
+        version = _generator_version(json_file)
+        if version != GENERATOR_VERSION:
+            logger.warning(
+                "%s was written by generator version %s, not %d; regenerating split %r",
+                json_file,
+                version,
+                GENERATOR_VERSION,
+                split,
+            )
+            generate_synthetic_dataset(root, splits=[split], force=True)
     return load_coco_json(json_file, image_root, name)
 
 
