@@ -6,7 +6,6 @@ import json
 import os
 
 import cv2
-
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
