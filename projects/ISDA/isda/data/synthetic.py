@@ -410,16 +410,18 @@ def _split_info(split, num_images, seed, identical_only, params):
     }
 
 
-def _is_current(json_file, expected_info):
-    """True if ``json_file`` exists and was generated with exactly ``expected_info``."""
-    if not os.path.isfile(json_file):
-        return False
+def _recorded_info(json_file):
+    """The ``info`` record of a split's JSON, or None if the file is missing or unreadable."""
     try:
         with open(json_file, "rb") as f:
-            info = json.load(f).get("info", {})
+            return json.load(f).get("info", {})
     except (OSError, ValueError):
-        return False
-    return info == json.loads(json.dumps(expected_info))
+        return None
+
+
+def _is_current(json_file, expected_info):
+    """True if ``json_file`` exists and was generated with exactly ``expected_info``."""
+    return _recorded_info(json_file) == json.loads(json.dumps(expected_info))
 
 
 def generate_synthetic_dataset(
@@ -452,15 +454,6 @@ def generate_synthetic_dataset(
     return out
 
 
-def _generator_version(json_file):
-    """The generator version recorded in a split's JSON, or None if it cannot be read."""
-    try:
-        with open(json_file, "rb") as f:
-            return json.load(f).get("info", {}).get("generator_version")
-    except (OSError, ValueError):
-        return None
-
-
 def _load_split(root, split, name):
     """Dataset dicts of one split. A missing split, or one written by another generator version
     (its scenes no longer match this code), is generated first with the default size; a split of
@@ -470,7 +463,7 @@ def _load_split(root, split, name):
         logger.info("Split %r is missing under %s; generating it", split, root)
         generate_synthetic_dataset(root, splits=[split])
     else:
-        version = _generator_version(json_file)
+        version = (_recorded_info(json_file) or {}).get("generator_version")
         if version != GENERATOR_VERSION:
             logger.warning(
                 "%s was written by generator version %s, not %d; regenerating split %r",
