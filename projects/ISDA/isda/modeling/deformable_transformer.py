@@ -166,7 +166,7 @@ class DeformableTransformer(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.empty(n_levels, dim))
         self.reference_points = nn.Linear(dim, 2)
-        self.dim = dim
+        self.dim, self.n_levels = dim, n_levels
         self._reset_parameters()
 
     def _reset_parameters(self):
