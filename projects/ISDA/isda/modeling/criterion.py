@@ -16,12 +16,13 @@ from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from ..config import GT_DOWNSAMPLE_MODES, MASK_LOSSES
 from .mask_head import dynamic_mask_logits
 from .matcher import HungarianMatcher
 
 DICE_EPS = 1e-3
 IOU_EPS = 1e-6
+MASK_LOSSES = ("dice", "iou")  # squared V-Net dice (released code) or soft 1 - IoU (paper)
+GT_DOWNSAMPLE_MODES = ("bilinear", "nearest")  # soft edges (released code) or binary
 
 
 def downsample_gt_masks(
@@ -33,7 +34,7 @@ def downsample_gt_masks(
     """
     if mode not in GT_DOWNSAMPLE_MODES:
         raise ValueError(
-            f"MODEL.ISDA.GT_DOWNSAMPLE must be one of {GT_DOWNSAMPLE_MODES}, got {mode!r}"
+            f"downsample_gt_masks: mode must be one of {GT_DOWNSAMPLE_MODES}, got {mode!r}"
         )
     H, W = padded_hw
     canvas = masks.new_zeros((masks.shape[0], H, W), dtype=torch.float32)
@@ -80,7 +81,7 @@ class SetCriterion(nn.Module):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
             raise ValueError(
-                f"MODEL.ISDA.MASK_LOSS must be one of {MASK_LOSSES}, got {mask_loss!r}"
+                f"SetCriterion: mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}"
             )
         self.matcher, self.num_classes = matcher, num_classes
         self.class_weight, self.mask_weight = class_weight, mask_weight

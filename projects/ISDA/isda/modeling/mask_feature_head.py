@@ -21,9 +21,15 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import nn
 
-from ..config import MFR_COORD_MODES, MFR_STRIDES
-
+STRIDES = (2, 4, 8)  # strides of F this head can build (paper Table 1)
+COORD_MODES = ("p5_input", "none", "output")  # where the coordinate channels enter (MP)
 COORD_CHANNELS = 2
+
+
+def fusion_stride(stride: int) -> int:
+    """Stride at which the input branches are summed for an MFR of ``stride``: 4 for strides 4 and
+    2 (stride 2 then refines once more), 8 for stride 8. The finest input level must have it."""
+    return max(stride, 4)
 
 
 def coord_channels(like: torch.Tensor) -> torch.Tensor:
@@ -67,20 +73,17 @@ class MaskFeatureHead(nn.Module):
         coord: str = "p5_input",
     ):
         super().__init__()
-        if stride not in MFR_STRIDES:
-            raise ValueError(f"MODEL.ISDA.MFR_STRIDE must be one of {MFR_STRIDES}, got {stride}")
-        if coord not in MFR_COORD_MODES:
-            raise ValueError(
-                f"MODEL.ISDA.MFR_COORD must be one of {MFR_COORD_MODES}, got {coord!r}"
-            )
+        if stride not in STRIDES:
+            raise ValueError(f"MaskFeatureHead: stride must be one of {STRIDES}, got {stride!r}")
+        if coord not in COORD_MODES:
+            raise ValueError(f"MaskFeatureHead: coord must be one of {COORD_MODES}, got {coord!r}")
         self.in_features = sorted(in_features, key=lambda f: input_shapes[f].stride)
-        # Branches fuse at 1/4 (strides 4 and 2) or 1/8 (stride 8); stride 2 then refines once more.
-        self.fuse_stride = max(stride, 4)
+        self.fuse_stride = fusion_stride(stride)
         finest = min(input_shapes[f].stride for f in self.in_features)
         if finest != self.fuse_stride:
             raise ValueError(
-                f"MODEL.ISDA.MFR_STRIDE={stride} fuses at stride {self.fuse_stride}, so the finest level "
-                f"of MODEL.ISDA.MFR_IN_FEATURES must have that stride; {in_features} has {finest}"
+                f"MaskFeatureHead: stride={stride} fuses at stride {self.fuse_stride}, so the finest "
+                f"of in_features must have that stride; {list(in_features)} has {finest}"
             )
         self.coord, self.stride = coord, stride
         self.branches = nn.ModuleList(

@@ -14,8 +14,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import KERNEL_REF_ENCODINGS
-
+REF_ENCODINGS = ("logit", "unit", "signed")  # how the reference point enters the kernel (KP)
 REF_DIM = 2
 REF_LOGIT_EPS = 1e-5
 
@@ -30,9 +29,7 @@ def encode_reference(ref: torch.Tensor, encoding: str) -> torch.Tensor:
         return ref
     if encoding == "signed":
         return 2 * ref - 1
-    raise ValueError(
-        f"MODEL.ISDA.KERNEL_REF_ENCODING must be one of {KERNEL_REF_ENCODINGS}, got {encoding!r}"
-    )
+    raise ValueError(f"encode_reference: encoding must be one of {REF_ENCODINGS}, got {encoding!r}")
 
 
 def dynamic_mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
@@ -69,9 +66,9 @@ class MaskHead(nn.Module):
         share_across_layers: bool = True,
     ):
         super().__init__()
-        if ref_encoding not in KERNEL_REF_ENCODINGS:
+        if ref_encoding not in REF_ENCODINGS:
             raise ValueError(
-                f"MODEL.ISDA.KERNEL_REF_ENCODING must be one of {KERNEL_REF_ENCODINGS}, got {ref_encoding!r}"
+                f"MaskHead: ref_encoding must be one of {REF_ENCODINGS}, got {ref_encoding!r}"
             )
         self.kernel_ref, self.ref_encoding, self.ref_detach = kernel_ref, ref_encoding, ref_detach
         class_fc = nn.Linear(dim, num_classes)

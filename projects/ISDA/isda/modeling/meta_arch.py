@@ -13,7 +13,6 @@ from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
-from ..config import validate_isda_config
 from .criterion import SetCriterion, downsample_gt_masks
 from .deformable_transformer import DeformableTransformer
 from .mask_feature_head import MaskFeatureHead
@@ -88,6 +87,11 @@ class ISDA(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        # The one place a config is validated: every way of building the model (train_net, its
+        # --eval-only, DefaultPredictor, the demo) passes here. Imported here because config.py
+        # reads the accepted values from the modules of this package.
+        from ..config import validate_isda_config
+
         validate_isda_config(cfg)
         m = cfg.MODEL.ISDA
         backbone = build_backbone(cfg)
