@@ -16,7 +16,7 @@ from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from .mask_head import dynamic_mask_logits
+from .mask_head import MaskHead
 from .matcher import HungarianMatcher
 
 DICE_EPS = 1e-3
@@ -109,7 +109,7 @@ class SetCriterion(nn.Module):
 
     def layer_losses(self, logits, kernels, mfr, targets, num_masks) -> Dict[str, torch.Tensor]:
         with torch.no_grad():
-            all_masks = dynamic_mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
+            all_masks = MaskHead.mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
         indices = self.matcher(logits, all_masks, targets)
         return {
             "loss_cls": self.class_weight * self.class_loss(logits, targets, indices) / num_masks,
@@ -134,7 +134,7 @@ class SetCriterion(nn.Module):
             if len(q) == 0:
                 continue
             k = kernels[b, q.to(kernels.device)]  # (n, E)
-            pred = dynamic_mask_logits(k[None], mfr[b : b + 1])[0].flatten(1).float().sigmoid()
+            pred = MaskHead.mask_logits(k, mfr[b]).flatten(1).float().sigmoid()  # (n, h*w)
             total = (
                 total
                 + self.mask_loss_fn(

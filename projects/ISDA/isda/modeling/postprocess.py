@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+from .mask_head import MaskHead
+
 MASKNESS_EPS = 1e-5
 # Upsampling is done in chunks of masks, so 100 float masks of a large image never coexist in memory.
 UPSAMPLE_CHUNK = 16
@@ -87,7 +89,7 @@ def instances_from_query_outputs(
     """One image: logits (Q, K), kernels (Q, E), mfr (E, h, w) -> Instances at ``output_size`` with
     pred_masks (bool), scores, pred_classes and pred_boxes (tight boxes of the masks)."""
     scores, classes, queries = select_topk(logits, max_per_image)
-    probs = torch.einsum("ne,ehw->nhw", kernels[queries], mfr).sigmoid()
+    probs = MaskHead.mask_logits(kernels[queries], mfr).sigmoid()  # (k, h, w)
     if use_maskness:
         scores = scores * maskness(probs, mask_threshold)
     keep = (
