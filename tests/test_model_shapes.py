@@ -1,4 +1,5 @@
-"""Every stage produces the shapes of spec §1-§4, for each MFR stride and each MP/KP setting."""
+"""Every stage produces the shapes of the released code (neck, MFR, transformer, mask head), for
+each MFR stride and each MP/KP setting."""
 
 import itertools
 

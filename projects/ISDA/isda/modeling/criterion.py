@@ -1,5 +1,6 @@
-"""Set criterion (paper Sec. 3.3; spec §5): focal classification loss over all queries plus a mask loss
-on the matched queries, for every decoder layer (deep supervision, equal weights).
+"""Set criterion (paper Sec. 3.3; released code: mmdet/models/dense_heads/isda_head.py,
+ISDAHead.loss_single): focal classification loss over all queries plus a mask loss on the matched
+queries, for every decoder layer (deep supervision, equal weights).
 
 Ground-truth targets are built once per batch at MFR resolution and shared by all layers. Matching uses
 all Q masks (without gradient), but the mask loss only recomputes the matched ones, since unmatched
@@ -101,10 +102,8 @@ class SetCriterion(nn.Module):
         losses = {}
         for i in layers:
             suffix = "" if i == len(logits) - 1 else f"_{i}"
-            for name, value in self.layer_losses(
-                logits[i], kernels[i], mfr, targets, num_masks
-            ).items():
-                losses[name + suffix] = value
+            layer = self.layer_losses(logits[i], kernels[i], mfr, targets, num_masks)
+            losses.update({name + suffix: value for name, value in layer.items()})
         return losses
 
     def layer_losses(self, logits, kernels, mfr, targets, num_masks) -> Dict[str, torch.Tensor]:
@@ -135,10 +134,6 @@ class SetCriterion(nn.Module):
                 continue
             k = kernels[b, q.to(kernels.device)]  # (n, E)
             pred = MaskHead.mask_logits(k, mfr[b]).flatten(1).float().sigmoid()  # (n, h*w)
-            total = (
-                total
-                + self.mask_loss_fn(
-                    pred, targets[b]["masks"][g.to(kernels.device)].flatten(1)
-                ).sum()
-            )
+            gt = targets[b]["masks"][g.to(kernels.device)].flatten(1)  # (n, h*w)
+            total = total + self.mask_loss_fn(pred, gt).sum()
         return total

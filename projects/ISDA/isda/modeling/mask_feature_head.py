@@ -1,11 +1,15 @@
-"""Mask feature representation (MFR) head (paper Fig. 3; SOLOv2-style, spec §3).
+"""Mask feature representation (MFR) head (paper Fig. 3; SOLOv2-style; released code:
+mmdet/models/roi_heads/mask_heads/mask_feat_head.py, MaskFeatHead).
 
 Every input level goes through 3x3 conv-GN-ReLU blocks (CGR) and x2 bilinear upsamplings until it reaches
 the fusion stride, the branches are summed, and a 1x1 CGR maps them to the MFR F.
 
 * stride 4 (default): P2: CGR | P3: CGR, up | P4: (CGR, up) x2 | P5 (+2 coord ch.): (CGR, up) x3
-* stride 8: the same rule with P3..P5 fused at 1/8 (MFR_IN_FEATURES should then be p3..p5)
+* stride 8: the same rule with P3..P5 fused at 1/8 (``in_features`` should then be p3..p5)
 * stride 2: the stride-4 fusion, then one more CGR + x2 upsampling
+
+The released code builds stride 4 only; strides 8 and 2 (paper Table 1) are this module's own
+construction, as the paper does not describe them.
 
 MP (``coord``): "p5_input" appends [x, y] in [-1, 1] to the coarsest input (released code), "none"
 appends nothing, "output" appends them to F itself (F then has ``out_dim + 2`` channels).
@@ -92,7 +96,7 @@ class MaskFeatureHead(nn.Module):
                 for i, f in enumerate(self.in_features)
             ]
         )
-        # Stride 2: one extra CGR + upsampling after the stride-4 fusion (spec §10).
+        # Stride 2: one extra CGR + upsampling after the stride-4 fusion (see the module docstring).
         self.refine = (
             nn.Sequential(_cgr(inner_dim, inner_dim), _Up2()) if stride < self.fuse_stride else None
         )

@@ -1,6 +1,7 @@
 """Position-aware mask head (paper Fig. 4; released code: mmdet/models/dense_heads/isda_head.py,
-ISDAHead). Per decoder state h_q: a class FFN, and a kernel FFN whose output, extended by the query's
-reference point r_q (KP), is a dynamic 1x1 kernel G_q applied to the MFR F (Fig. 3) to give the mask.
+ISDAHead). Per decoder state h_q: a class FFN, and a kernel FFN whose output, extended by the
+query's reference point r_q (KP), is a dynamic 1x1 kernel G_q applied to the MFR F (Fig. 3), which
+gives the query's mask.
 
     logits_q = Linear(h_q)                                                  (K,)
     G_q      = KernelFFN(h_q) ++ enc(r_q)   if KP else  KernelFFN(h_q)      (E,) = channels of F

@@ -62,13 +62,11 @@ class ISDA(nn.Module):
     ):
         super().__init__()
         self.backbone, self.neck, self.transformer = backbone, neck, transformer
-        self.mask_feature_head, self.mask_head, self.criterion = (
-            mask_feature_head,
-            mask_head,
-            criterion,
-        )
+        self.mask_feature_head, self.mask_head = mask_feature_head, mask_head
+        self.criterion = criterion
         dim = transformer.dim
-        # Rows are [query_pos | target], both learned (spec §2).
+        # Rows are [query_pos | target], both learned (released code: ISDAHead._init_layers,
+        # split in DeformableDetrTransformer.forward).
         self.query_embedding = nn.Embedding(num_queries, 2 * dim)
         self.position_encoding = SinePositionalEncoding(dim // 2, offset=pos_offset)
         self.transformer_levels = TRANSFORMER_LEVELS[: transformer.n_levels]

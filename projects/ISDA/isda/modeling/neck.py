@@ -1,6 +1,7 @@
 """Channel-mapper neck (paper Fig. 2, "neck"): backbone C2..C5 -> P2..P6, all at HIDDEN_DIM channels.
 
-P2..P5 are 1x1 conv + GroupNorm of C2..C5; P6 is a 3x3 stride-2 conv + GroupNorm of **C5** (spec §1).
+P2..P5 are 1x1 conv + GroupNorm of C2..C5; P6 is a 3x3 stride-2 conv + GroupNorm of **C5**
+(released code: mmdet/models/necks/isda_channel_mapper.py, ISDAChannelMapper).
 No activations. P3..P6 feed the deformable transformer, P2..P5 the mask feature head.
 """
 

@@ -1,4 +1,5 @@
-"""NMS-free inference (spec §6): top-k over query x class scores, maskness rescoring, mask upsampling.
+"""NMS-free inference (released code: mmdet/models/dense_heads/isda_head.py, ISDAHead.get_masks and
+_get_masks_single): top-k over query x class scores, maskness rescoring, mask upsampling.
 
 Pure functions, testable alone. Differences from the released code: any batch size, an optional score
 threshold (applied before the expensive upsampling), and boxes derived from the masks.
