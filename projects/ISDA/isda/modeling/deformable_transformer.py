@@ -1,5 +1,7 @@
 """Deformable Transformer (paper Fig. 2, "Deformable Transformer"): encoder over P3..P6, decoder over
-learned object queries. Single-scale queries, no box refinement, no two-stage (spec §2).
+learned object queries. Single-scale queries, no box refinement, no two-stage (released code:
+mmdet/models/utils/transformer.py, DeformableDetrTransformer, called by ISDAHead.forward without
+reg_branches).
 
 Encoder layer (post-norm):  x = LN(x + MSDA(x + pos)); x = LN(x + FFN(x)).
 Decoder layer (post-norm):  q = LN(q + MHA(q + qpos)); q = LN(q + MSDA(q + qpos)); q = LN(q + FFN(q)).
@@ -166,7 +168,7 @@ class DeformableTransformer(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.empty(n_levels, dim))
         self.reference_points = nn.Linear(dim, 2)
-        self.dim = dim
+        self.dim, self.n_levels = dim, n_levels
         self._reset_parameters()
 
     def _reset_parameters(self):

@@ -1,4 +1,5 @@
-"""NMS-free inference (spec §6): top-k over query x class scores, maskness rescoring, mask upsampling.
+"""NMS-free inference (released code: mmdet/models/dense_heads/isda_head.py, ISDAHead.get_masks and
+_get_masks_single): top-k over query x class scores, maskness rescoring, mask upsampling.
 
 Pure functions, testable alone. Differences from the released code: any batch size, an optional score
 threshold (applied before the expensive upsampling), and boxes derived from the masks.
@@ -11,6 +12,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
+
+from .mask_head import MaskHead
 
 MASKNESS_EPS = 1e-5
 # Upsampling is done in chunks of masks, so 100 float masks of a large image never coexist in memory.
@@ -87,7 +90,7 @@ def instances_from_query_outputs(
     """One image: logits (Q, K), kernels (Q, E), mfr (E, h, w) -> Instances at ``output_size`` with
     pred_masks (bool), scores, pred_classes and pred_boxes (tight boxes of the masks)."""
     scores, classes, queries = select_topk(logits, max_per_image)
-    probs = torch.einsum("ne,ehw->nhw", kernels[queries], mfr).sigmoid()
+    probs = MaskHead.mask_logits(kernels[queries], mfr).sigmoid()  # (k, h, w)
     if use_maskness:
         scores = scores * maskness(probs, mask_threshold)
     keep = (
