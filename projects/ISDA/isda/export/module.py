@@ -30,7 +30,9 @@ class ISDAExportModule(nn.Module):
     def __init__(self, model: ISDA, k: Optional[int] = None):
         super().__init__()
         self.model = model
-        num_pairs = model.query_embedding.num_embeddings * model.mask_head.class_branches[0].out_features
+        num_pairs = (
+            model.query_embedding.num_embeddings * model.mask_head.class_branches[0].out_features
+        )
         self.k = min(k or model.test_max_per_image, num_pairs)
         # Inference only. Exporters put a module back into the mode it had, and train() of the
         # wrapper would switch BatchNorm of the model to batch statistics.
