@@ -1,7 +1,7 @@
 """Fixed-k, tensor-only inference post-processing for exported graphs (spec §6, as
 :mod:`isda.modeling.postprocess`, batched and without ``Instances``).
 
-Every image returns exactly k detections, best first; nothing is thresholded by score, so the
+Every image returns exactly k detections, in the order of the classification score; nothing is thresholded by score, so the
 graph has no value-dependent shapes. Dropping low scores is the caller's job.
 """
 

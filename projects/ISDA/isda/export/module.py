@@ -23,8 +23,9 @@ class ISDAExportModule(nn.Module):
             zero-padded to H, W divisible by 32 (``size_divisibility``).
         image_sizes: (B, 2) int64, the valid (h, w) of each image inside the padded canvas.
     Returns ``(scores, classes, masks, boxes)``: (B, k) float32, (B, k) int64, (B, k, H, W) bool,
-    (B, k, 4) float32 XYXY pixels; k = ``MODEL.ISDA.TEST.MAX_PER_IMAGE`` (at most Q * K), best
-    first, with no score threshold.
+    (B, k, 4) float32 XYXY pixels; k = ``MODEL.ISDA.TEST.MAX_PER_IMAGE`` (at most Q * K), in
+    the order of their classification score (the maskness rescoring can reorder the final scores,
+    as in eager inference), with no score threshold.
     """
 
     def __init__(self, model: ISDA, k: Optional[int] = None):
