@@ -54,7 +54,13 @@ def parse_args(argv=None):
         metavar=("H", "W"),
         help="export size, multiples of 32 (default: INPUT.MIN_SIZE_TEST x MAX_SIZE_TEST, rounded)",
     )
-    p.add_argument("--sample-image", nargs="*", default=[], metavar="FILE")
+    p.add_argument(
+        "--sample-image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an image to verify on (repeat the flag for several); default: random pixels",
+    )
     p.add_argument(
         "--verify-only",
         action="store_true",
