@@ -173,7 +173,8 @@ def test_deploy_example_names_and_skips_a_corrupt_image(onnx_export, sample_imag
     (images / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
     script = (
         NO_PROJECT
-        + "import runpy\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+        + "import runpy\nsys.argv = sys.argv[1:]\n"
+        + "runpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     deploy = str(REPO / "tools" / "deploy_onnx.py")
     args = ["--model", str(onnx_export / "model.onnx"), "--output", str(tmp_path / "out")]

@@ -8,7 +8,8 @@ aspect ratio), on --sample-image files when given, and compared with eager PyTor
 scores within 1e-4, mask IoU >= 0.99 per detection. Any mismatch exits with status 1.
 
 Examples:
-    python tools/export_model.py --config-file configs/COCO-InstanceSegmentation/isda_R50_50ep.yaml \
+    python tools/export_model.py \
+        --config-file configs/COCO-InstanceSegmentation/isda_R_50_12ep.yaml \
         --format onnx --dynamic --output export/onnx --sample-image a.jpg MODEL.WEIGHTS model.pth
     python tools/export_model.py --config-file CFG --format onnx --output export/onnx --verify-only
 Trailing ``KEY VALUE`` pairs override the config, as with train_net.py.

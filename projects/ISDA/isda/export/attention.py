@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +21,8 @@ from ..layers import MSDeformAttn
 _OP_NAME = "ms_deform_attn"
 
 
-def ms_deform_attn_traceable(
-    value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-    impl: Optional[str] = None,
+def ms_deform_attn_traceable(  # the arguments of isda.layers.ms_deform_attn
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, impl=None
 ) -> torch.Tensor:
     """The tensor contract of :func:`isda.layers.ms_deform_attn` (``impl`` is ignored):
     value (N, S, M, D), spatial_shapes (L, 2), level_start_index (L,),

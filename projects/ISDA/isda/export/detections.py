@@ -1,8 +1,9 @@
 """Fixed-k, tensor-only inference post-processing for exported graphs (spec §6, as
 :mod:`isda.modeling.postprocess`, batched and without ``Instances``).
 
-Every image returns exactly k detections, in the order of the classification score; nothing is thresholded by score, so the
-graph has no value-dependent shapes. Dropping low scores is the caller's job.
+Every image returns exactly k detections, in the order of the classification score; nothing is
+thresholded by score, so the graph has no value-dependent shapes. Dropping low scores is the
+caller's job.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def valid_region(image_sizes: torch.Tensor, H, W) -> torch.Tensor:
 
 
 def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """bool (..., H, W) -> float32 (..., 4) tight XYXY boxes in pixels; an empty mask gives zeros."""
+    """bool (..., H, W) -> float32 (..., 4) tight XYXY pixel boxes; an empty mask gives zeros."""
     H, W = masks.shape[-2:]
     x_any, y_any = masks.any(-2), masks.any(-1)  # (..., W), (..., H)
     xs = torch.arange(W, device=masks.device)

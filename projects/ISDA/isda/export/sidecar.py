@@ -65,10 +65,11 @@ def describe(
             "masks": {
                 "shape": ["batch", "k", "height", "width"],
                 "dtype": "bool",
-                "meaning": "on the padded canvas; crop to image_sizes and resize to the original image",
+                "meaning": "on the padded canvas; crop to image_sizes, resize to the original",
             },
             "boxes": {"shape": ["batch", "k", 4], "dtype": "float32", "meaning": "XYXY pixels"},
-            "order": "top-k by classification score, as eager inference; no score threshold is applied (the caller drops low scores)",
+            "order": "top-k by classification score, as eager inference; no score threshold is "
+            "applied (the caller drops low scores)",
         },
         "k": module.k,
         "pixel_mean": model.pixel_mean.flatten().tolist(),
