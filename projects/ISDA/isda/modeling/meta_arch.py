@@ -8,6 +8,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
@@ -241,9 +242,17 @@ class ISDA(nn.Module):
 
 def level_padding_masks(images: ImageList, feats: List[torch.Tensor]) -> List[torch.Tensor]:
     """Padding mask of the batch (True outside each image), resized (nearest) to every level:
-    -> list of (B, H_l, W_l) bool."""
-    B, _, H, W = images.tensor.shape
-    mask = torch.ones((B, H, W), dtype=torch.bool, device=images.tensor.device)
-    for i, (h, w) in enumerate(images.image_sizes):
-        mask[i, :h, :w] = False
+    -> list of (B, H_l, W_l) bool.
+
+    ``images.image_sizes`` is a list of (h, w) or a (B, 2) int64 tensor; a tensor (or sizes traced
+    as tensors) keeps the masks symbolic in an exported graph.
+    """
+    device = images.tensor.device
+    sizes = images.image_sizes
+    if not isinstance(sizes, torch.Tensor):
+        sizes = torch.stack([shapes_to_tensor(list(hw), device) for hw in sizes])
+    H, W = images.tensor.shape[-2:]
+    rows = torch.arange(H, device=device)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(W, device=device)[None, None, :]  # (1, 1, W)
+    mask = (rows >= sizes[:, 0, None, None]) | (cols >= sizes[:, 1, None, None])  # (B, H, W)
     return [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]
