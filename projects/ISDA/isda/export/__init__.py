@@ -2,14 +2,13 @@
 against eager PyTorch at several input sizes."""
 
 from .attention import ms_deform_attn_traceable, traceable_attention
-from .detections import boxes_from_masks, detections_from_query_outputs
+from .detections import detections_from_query_outputs
 from .module import INPUT_NAMES, OUTPUT_NAMES, ISDAExportModule, normalised_batch
 
 __all__ = [
     "ISDAExportModule",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
-    "boxes_from_masks",
     "detections_from_query_outputs",
     "ms_deform_attn_traceable",
     "normalised_batch",
