@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from types import MappingProxyType
-from typing import List, Mapping
+from typing import Callable, Dict, List, Mapping, Sequence
 
 from .rules import Drop, Keep, Rule, SourceFormat
 from .transforms import coco91_to_80
@@ -64,9 +64,34 @@ def _mha(src: str, dst: str) -> List[Rule]:
     ] + _linear(f"{src}.out_proj", f"{dst}.out_proj")
 
 
-# ISDA target names (projects/ISDA/isda/modeling). Encoder layer: self_attn, norm, ffn.{linear1,
-# linear2, norm}. Decoder layer: self_attn (MHA), norm1, cross_attn (MSDA), norm2, ffn.*.
+# ISDA's encoder and decoder layer parts (isda/modeling/deformable_transformer.py) and the rules
+# that copy each kind of part.
 _ENC, _DEC = "transformer.encoder.{i}", "transformer.decoder.{i}"
+_FFN_PARTS = {"ffn.linear1": _linear, "ffn.linear2": _linear, "ffn.norm": _linear}
+_ENC_PARTS = {"self_attn": _msda, "norm": _linear, **_FFN_PARTS}
+_DEC_PARTS = {
+    "self_attn": _mha,
+    "norm1": _linear,
+    "cross_attn": _msda,
+    "norm2": _linear,
+    **_FFN_PARTS,
+}
+
+
+def _layer_rules(
+    src_layer: str,
+    dst_layer: str,
+    parts: Dict[str, Callable[[str, str], List[Rule]]],
+    source_names: Mapping[str, str],
+) -> List[Rule]:
+    """Rules for one templated encoder or decoder layer; ``source_names`` maps each ISDA part name
+    to the source's name for it."""
+    return [
+        rule
+        for part, rules_of in parts.items()
+        for rule in rules_of(f"{src_layer}.{source_names[part]}", f"{dst_layer}.{part}")
+    ]
+
 
 # What ISDA has and no Deformable DETR has: the P2 lateral (new in ISDA's neck), the mask feature
 # head (paper Fig. 3) and the kernel FFN (Fig. 4). Matching by regex keeps these lists short.
@@ -92,22 +117,14 @@ def _ddetr_rules() -> List[Rule]:
         rules += [Rule(f"{src}.0.weight", f"{dst}.weight")]
         rules += _linear(f"{src}.1", f"{dst}.norm")
     rules.append(Rule("transformer.level_embed", "transformer.level_embed"))
-    enc = "transformer.encoder.layers.{i}"
-    rules += _msda(f"{enc}.self_attn", f"{_ENC}.self_attn")
-    rules += _linear(f"{enc}.norm1", f"{_ENC}.norm")
-    rules += _linear(f"{enc}.linear1", f"{_ENC}.ffn.linear1")
-    rules += _linear(f"{enc}.linear2", f"{_ENC}.ffn.linear2")
-    rules += _linear(f"{enc}.norm2", f"{_ENC}.ffn.norm")
-    dec = "transformer.decoder.layers.{i}"
+    ffn = {"ffn.linear1": "linear1", "ffn.linear2": "linear2"}
+    enc_names = {"self_attn": "self_attn", "norm": "norm1", "ffn.norm": "norm2", **ffn}
+    rules += _layer_rules("transformer.encoder.layers.{i}", _ENC, _ENC_PARTS, enc_names)
     # The DDETR decoder layer *declares* cross_attn/norm1 before self_attn/norm2, but runs
     # self_attn -> norm2 -> cross_attn -> norm1 -> ffn -> norm3. Map by function.
-    rules += _mha(f"{dec}.self_attn", f"{_DEC}.self_attn")
-    rules += _linear(f"{dec}.norm2", f"{_DEC}.norm1")
-    rules += _msda(f"{dec}.cross_attn", f"{_DEC}.cross_attn")
-    rules += _linear(f"{dec}.norm1", f"{_DEC}.norm2")
-    rules += _linear(f"{dec}.linear1", f"{_DEC}.ffn.linear1")
-    rules += _linear(f"{dec}.linear2", f"{_DEC}.ffn.linear2")
-    rules += _linear(f"{dec}.norm3", f"{_DEC}.ffn.norm")
+    dec_names = {"self_attn": "self_attn", "norm1": "norm2", "cross_attn": "cross_attn"}
+    dec_names.update({"norm2": "norm1", "ffn.norm": "norm3", **ffn})
+    rules += _layer_rules("transformer.decoder.layers.{i}", _DEC, _DEC_PARTS, dec_names)
     rules += _linear("transformer.reference_points", "transformer.reference_points")
     # Rows are [query_pos | target] in both models (torch.split(query_embed, C, dim=1)).
     rules.append(Rule("query_embed.weight", "query_embedding.weight"))
@@ -130,24 +147,15 @@ def _mmdet_rules() -> List[Rule]:
     tr = "bbox_head.transformer"
     rules.append(Rule(f"{tr}.level_embeds", "transformer.level_embed"))
     # mmcv BaseTransformerLayer numbers attentions/norms/ffns in operation order. Encoder:
-    # (self_attn, norm, ffn, norm). FFN: layers.0 = Sequential(Linear, ReLU, Dropout),
-    # layers.1 = Linear.
-    enc = f"{tr}.encoder.layers.{{i}}"
-    rules += _msda(f"{enc}.attentions.0", f"{_ENC}.self_attn")
-    rules += _linear(f"{enc}.norms.0", f"{_ENC}.norm")
-    rules += _linear(f"{enc}.ffns.0.layers.0.0", f"{_ENC}.ffn.linear1")
-    rules += _linear(f"{enc}.ffns.0.layers.1", f"{_ENC}.ffn.linear2")
-    rules += _linear(f"{enc}.norms.1", f"{_ENC}.ffn.norm")
-    # Decoder: (self_attn, norm, cross_attn, norm, ffn, norm); the MHA wrapper holds nn.MHA as
-    # .attn.
-    dec = f"{tr}.decoder.layers.{{i}}"
-    rules += _mha(f"{dec}.attentions.0.attn", f"{_DEC}.self_attn")
-    rules += _linear(f"{dec}.norms.0", f"{_DEC}.norm1")
-    rules += _msda(f"{dec}.attentions.1", f"{_DEC}.cross_attn")
-    rules += _linear(f"{dec}.norms.1", f"{_DEC}.norm2")
-    rules += _linear(f"{dec}.ffns.0.layers.0.0", f"{_DEC}.ffn.linear1")
-    rules += _linear(f"{dec}.ffns.0.layers.1", f"{_DEC}.ffn.linear2")
-    rules += _linear(f"{dec}.norms.2", f"{_DEC}.ffn.norm")
+    # (self_attn, norm, ffn, norm); decoder: (self_attn, norm, cross_attn, norm, ffn, norm). FFN:
+    # layers.0 = Sequential(Linear, ReLU, Dropout), layers.1 = Linear. The decoder's MHA wrapper
+    # holds nn.MultiheadAttention as .attn.
+    ffn = {"ffn.linear1": "ffns.0.layers.0.0", "ffn.linear2": "ffns.0.layers.1"}
+    enc_names = {"self_attn": "attentions.0", "norm": "norms.0", "ffn.norm": "norms.1", **ffn}
+    rules += _layer_rules(f"{tr}.encoder.layers.{{i}}", _ENC, _ENC_PARTS, enc_names)
+    dec_names = {"self_attn": "attentions.0.attn", "norm1": "norms.0", "cross_attn": "attentions.1"}
+    dec_names.update({"norm2": "norms.1", "ffn.norm": "norms.2", **ffn})
+    rules += _layer_rules(f"{tr}.decoder.layers.{{i}}", _DEC, _DEC_PARTS, dec_names)
     rules += _linear(f"{tr}.reference_points", "transformer.reference_points")
     rules.append(Rule("bbox_head.query_embedding.weight", "query_embedding.weight"))
     # 80 sigmoid logits in CocoDataset order (sorted category ids) = Detectron2's order: no remap.
@@ -155,40 +163,62 @@ def _mmdet_rules() -> List[Rule]:
     return rules
 
 
-def _ddetr() -> SourceFormat:
-    neck_bias = (
-        "conv bias before GroupNorm: ISDA's neck convs have none (mmdet layout); GN does not "
-        "cancel a per-channel bias exactly, so this is a small perturbation that fine-tuning absorbs"
-    )
+def _deformable_detr(
+    name: str,
+    description: str,
+    container_key: str,
+    signature: str,
+    rules: List[Rule],
+    *,
+    box: str,
+    class_copies: str,
+    extra: Sequence[Drop] = (),
+) -> SourceFormat:
+    """A Deformable DETR release. Its box FFNs (regex ``box``), the per-layer copies of class head
+    0 (regex ``class_copies``) and ``extra`` are dropped; ISDA's own modules keep their init."""
     return SourceFormat(
-        name="ddetr",
-        description="fundamentalvision/Deformable-DETR r50_deformable_detr-checkpoint.pth",
-        container_key="model",
-        signature="transformer.level_embed",
-        rules=_ddetr_rules(),
+        name=name,
+        description=description,
+        container_key=container_key,
+        signature=signature,
+        rules=rules,
         drops=[
-            Drop(r"bbox_embed\.", _BOX_FFN),
-            Drop(r"class_embed\.[1-9]\d*\.", _SHARED_CLS),
-            Drop(r"input_proj\.\d+\.0\.bias\Z", neck_bias, lossy=True),
+            Drop(box, _BOX_FFN),
+            Drop(class_copies, _SHARED_CLS),
+            *extra,
             _BN_COUNTER_DROP,
         ],
         keeps=_ISDA_NEW + [_BN_COUNTER],
+    )
+
+
+def _ddetr() -> SourceFormat:
+    neck_bias = (
+        "conv bias before GroupNorm: ISDA's neck convs have none (mmdet layout); GN does not "
+        "cancel a per-channel bias exactly, so this is a small perturbation that fine-tuning "
+        "absorbs"
+    )
+    return _deformable_detr(
+        "ddetr",
+        "fundamentalvision/Deformable-DETR r50_deformable_detr-checkpoint.pth",
+        "model",
+        "transformer.level_embed",
+        _ddetr_rules(),
+        box=r"bbox_embed\.",
+        class_copies=r"class_embed\.[1-9]\d*\.",
+        extra=[Drop(r"input_proj\.\d+\.0\.bias\Z", neck_bias, lossy=True)],
     )
 
 
 def _mmdet() -> SourceFormat:
-    return SourceFormat(
-        name="mmdet",
-        description="MMDetection 2.x deformable_detr_r50_16x2_50e_coco",
-        container_key="state_dict",
-        signature="bbox_head.transformer.level_embeds",
-        rules=_mmdet_rules(),
-        drops=[
-            Drop(r"bbox_head\.reg_branches\.", _BOX_FFN),
-            Drop(r"bbox_head\.cls_branches\.[1-9]\d*\.", _SHARED_CLS),
-            _BN_COUNTER_DROP,
-        ],
-        keeps=_ISDA_NEW + [_BN_COUNTER],
+    return _deformable_detr(
+        "mmdet",
+        "MMDetection 2.x deformable_detr_r50_16x2_50e_coco",
+        "state_dict",
+        "bbox_head.transformer.level_embeds",
+        _mmdet_rules(),
+        box=r"bbox_head\.reg_branches\.",
+        class_copies=r"bbox_head\.cls_branches\.[1-9]\d*\.",
     )
 
 

@@ -56,5 +56,6 @@ def coco91_to_80() -> RowSelect:
     return RowSelect(
         rows=tuple(coco_thing_ids()),
         source_rows=91,
-        doc="91 COCO-id logits -> 80 contiguous classes (row k = category id of Detectron2 class k)",
+        doc="91 COCO-id logits -> 80 contiguous classes "
+        "(row k = category id of Detectron2 class k)",
     )
