@@ -7,8 +7,9 @@
 // Parallelism:
 //   forward  - over (n, q) rows: every row writes only its own output slice.
 //   backward - over (n, m) heads: grad_value[n, :, m, :] is written by exactly one task, so the
-//              scatter-add needs neither atomics nor per-thread buffers. Each query's corner
-//              rows are prefetched before use (scattered decoder samples miss the cache).
+//              scatter-add needs neither atomics nor per-thread buffers.
+// Both passes first compute the taps of all L * P samples of a head-query and prefetch their
+// corner rows, then use them (scattered samples miss the cache; the loads then overlap).
 // The hot loops are compiled twice (AVX2+FMA and baseline x86-64, picked at load time), D = 32 is
 // specialised at compile time, and all index arithmetic is int64_t.
 #include <ATen/ATen.h>
@@ -99,6 +100,31 @@ C10_ALWAYS_INLINE void accumulate_sample(const scalar_t* __restrict__ value_leve
   }
 }
 
+// Taps of the L * P samples of one (n, q, m) (inside[lp] false: no corner in the map), with their
+// corner rows prefetched: issuing every load of the head-query before using any overlaps the
+// cache misses of scattered samples.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void head_query_taps(const KernelArgs<scalar_t>& a, const scalar_t* value_head,
+                                       int64_t nqm, int64_t row_stride, Taps<acc_t>* taps,
+                                       char* inside) {
+  const Sizes& s = a.s;
+  const scalar_t* loc_nqm = a.loc + nqm * s.L * s.P * 2;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+    const scalar_t* value_level = value_head + a.starts[l] * row_stride;
+    for (int64_t p = 0; p < s.P; ++p) {
+      const int64_t lp = l * s.P + p;
+      Taps<acc_t>& t = taps[lp];
+      inside[lp] =
+          compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
+      if (!inside[lp]) continue;
+      for (int c = 0; c < kCorners; ++c) {
+        if (t.valid[c]) prefetch_row(value_level + t.offset[c], s.D);
+      }
+    }
+  }
+}
+
 // Forward over the flattened (n, q) rows [begin, end).
 template <int kD, typename scalar_t>
 C10_ALWAYS_INLINE void forward_rows(const KernelArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -107,26 +133,27 @@ C10_ALWAYS_INLINE void forward_rows(const KernelArgs<scalar_t>& a, int64_t begin
   const int64_t D = channels<kD>(s.D);
   const int64_t row_stride = s.M * D;  // elements between consecutive tokens of one head
   const int64_t LP = s.L * s.P;
+  std::vector<Taps<acc_t>> taps(LP);  // the samples of one (n, q, m)
+  std::vector<char> inside(LP);
   for (int64_t nq = begin; nq < end; ++nq) {
     const int64_t n = nq / s.Lq;
     const scalar_t* value_n = a.value + n * s.S * row_stride;
     for (int64_t m = 0; m < s.M; ++m) {
       const int64_t nqm = nq * s.M + m;
+      const scalar_t* value_head = value_n + m * D;
+      head_query_taps(a, value_head, nqm, row_stride, taps.data(), inside.data());
       scalar_t* o = a.out + nqm * D;
       // With D known at compile time the sum lives in registers and is stored once.
       acc_t local[kD > 0 ? kD : 1];
       acc_t* acc = kD > 0 ? local : o;
       std::fill(acc, acc + D, acc_t(0));
-      const scalar_t* loc_nqm = a.loc + nqm * LP * 2;
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       for (int64_t l = 0; l < s.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const scalar_t* value_level = value_n + a.starts[l] * row_stride + m * D;
+        const scalar_t* value_level = value_head + a.starts[l] * row_stride;
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t lp = l * s.P + p;
-          Taps<acc_t> t;
-          if (compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t)) {
-            accumulate_sample<kD, scalar_t, acc_t>(value_level, t, attn_nqm[lp], D, acc);
+          if (inside[lp]) {
+            accumulate_sample<kD, scalar_t, acc_t>(value_level, taps[lp], attn_nqm[lp], D, acc);
           }
         }
       }
@@ -213,25 +240,19 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
     for (int64_t q = 0; q < s.Lq; ++q) {
       const int64_t nqm = (n * s.Lq + q) * s.M + m;
       const scalar_t* go = a.grad_out + nqm * D;
-      const scalar_t* loc_nqm = a.loc + nqm * LP * 2;
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       scalar_t* gloc_nqm = a.grad_loc + nqm * LP * 2;
       scalar_t* gattn_nqm = a.grad_attn + nqm * LP;
-      // Pass 1: all taps of this query, with their rows prefetched. Scattered samples (decoder
-      // queries) miss the cache on every corner; issuing the loads early overlaps the misses.
+      // Pass 1: all taps of this query, with their value rows prefetched (and the rows of
+      // grad_value, which pass 2 updates).
+      head_query_taps(a, a.value + head_offset, nqm, row_stride, taps.data(), inside.data());
       for (int64_t l = 0; l < s.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const int64_t level_offset = head_offset + a.starts[l] * row_stride;
+        const scalar_t* grad_level = a.grad_value + head_offset + a.starts[l] * row_stride;
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t lp = l * s.P + p;
-          Taps<acc_t>& t = taps[lp];
-          inside[lp] =
-              compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
           if (!inside[lp]) continue;
           for (int c = 0; c < kCorners; ++c) {
-            if (!t.valid[c]) continue;
-            prefetch_row(a.value + level_offset + t.offset[c], D);
-            prefetch_row(a.grad_value + level_offset + t.offset[c], D);
+            if (taps[lp].valid[c]) prefetch_row(grad_level + taps[lp].offset[c], D);
           }
         }
       }
