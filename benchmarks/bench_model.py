@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_model.py inference [--device cpu] [--repeats 5]
     .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3]
     .venv/bin/python benchmarks/bench_model.py scaling   [--device cpu] [--plot benchmarks/scaling.png]
+    .venv/bin/python benchmarks/bench_model.py compiled  [--device cpu] [--repeats 3]
 
 Both models use random weights (nothing can be downloaded here) and the same 800 x 1216 image.
 Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it returns 100 masks per image
@@ -17,6 +18,8 @@ Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it return
   the authors' code does; ``isda`` (this project) matches without gradient and recomputes only the
   matched masks: the losses are identical (checked), the cost is not.
 * scaling: ISDA inference time and peak memory against the image's short side and the query count.
+* compiled: ISDA inference with its deformable transformer under ``torch.compile`` (default inductor
+  backend) against eager, same model and image; the compile time is reported apart.
 
 Memory (CPU) is measured in a child process per case, with glibc's mmap threshold lowered so freed
 blocks leave the RSS: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before.
@@ -445,6 +448,39 @@ def _plot_scaling(results, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# compiled
+# ---------------------------------------------------------------------------------------------
+def bench_compiled(args):
+    """ISDA inference, eager against its transformer compiled with torch.compile (eval mode)."""
+    model, _ = build_isda(args.device)
+    x = [make_input(IMAGE_HW, args.device, with_gt=False)]
+    calibrate_frozen_bn(model, x)
+    model.eval()
+    eager_transformer = model.transformer
+    compiled_transformer = torch.compile(eager_transformer)
+    with torch.no_grad():
+        model.transformer = compiled_transformer
+        compile_s = timed(lambda: model(x), args.device)  # the first call compiles
+        samples = {"eager": [], "transformer compiled": []}
+        for _ in range(args.repeats):
+            for name, transformer in (
+                ("eager", eager_transformer),
+                ("transformer compiled", compiled_transformer),
+            ):
+                model.transformer = transformer
+                samples[name].append(timed(lambda: model(x), args.device))
+    rows = [("ISDA R50", name, _median_ms(times)) for name, times in samples.items()]
+    print_rows(
+        f"Inference, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, fp32, {args.device}, "
+        f"median of {args.repeats}",
+        rows,
+        header=("model", "transformer", "median ms"),
+    )
+    ratio = _median_ms(samples["eager"]) / _median_ms(samples["transformer compiled"])
+    print(f"\nfirst compiled call (compiles): {compile_s:.1f} s; eager / compiled: {ratio:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
 def _child(argv: List[str]):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     out = subprocess.run(
@@ -460,7 +496,8 @@ def _child(argv: List[str]):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "mode", choices=["inference", "train", "scaling", "train-memory", "scaling-point"]
+        "mode",
+        choices=["inference", "train", "scaling", "compiled", "train-memory", "scaling-point"],
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
@@ -475,12 +512,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.mode in ("inference", "train", "scaling"):
+    if args.mode in ("inference", "train", "scaling", "compiled"):
         print(describe_machine())
     {
         "inference": bench_inference,
         "train": bench_train,
         "scaling": bench_scaling,
+        "compiled": bench_compiled,
         "train-memory": _train_memory,
         "scaling-point": _scaling_point,
     }[args.mode](args)

@@ -7,7 +7,7 @@ the mask feature head); this file reads those sets, so each key is checked here,
 
 from detectron2.config import CfgNode as CN
 
-from .layers.ms_deform_attn_func import IMPLS as MSDA_IMPLS
+from .layers.msda_dispatch import IMPLS as MSDA_IMPLS
 from .modeling.criterion import GT_DOWNSAMPLE_MODES, MASK_LOSSES
 from .modeling.mask_feature_head import COORD_MODES as MFR_COORD_MODES
 from .modeling.mask_feature_head import STRIDES as MFR_STRIDES

@@ -85,9 +85,9 @@ def _load_torchscript(path) -> Runner:
 
 def registered_op_available() -> bool:
     """Whether ``torch.ops.isda.ms_deform_attn`` exists (the op library registers it on load)."""
-    from ..layers import ms_deform_attn_func
+    from ..layers import msda_native
 
-    ms_deform_attn_func._load_extension()
+    msda_native.load_extension()
     try:
         torch.ops.isda.ms_deform_attn
     except (AttributeError, RuntimeError):

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ms_deform_attn_func import ms_deform_attn
+from .msda_dispatch import ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
