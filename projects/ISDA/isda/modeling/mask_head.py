@@ -98,5 +98,6 @@ class MaskHead(nn.Module):
         kernels (..., n, E) and F (..., E, h, w) with the same leading dims (e.g. B, or none)
         -> mask logits (..., n, h, w).
         """
-        h, w = mfr.shape[-2:]
-        return torch.matmul(kernels, mfr.flatten(-2)).unflatten(-1, (h, w))
+        logits = torch.matmul(kernels, mfr.flatten(-2))  # (..., n, h * w)
+        # view() keeps h and w symbolic in traced graphs; unflatten() would record them as constants.
+        return logits.view(logits.shape[:-1] + mfr.shape[-2:])
