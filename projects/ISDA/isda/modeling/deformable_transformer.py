@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import ACTIVATION_CHECKPOINTING_MODES
 from ..layers import MSDeformAttn
-
-CHECKPOINT_MODES = ("none", "encoder", "encoder_decoder")
 
 
 class FFN(nn.Module):
@@ -139,6 +138,9 @@ class DeformableTransformer(nn.Module):
         pos: L sine encodings (B, C, H_l, W_l); query_embed: (Q, 2C) = [query_pos | target].
     Returns:
         hs: (num_decoder_layers, B, Q, C); reference_points: (B, Q, 2) in [0, 1] as (x, y).
+
+    ``checkpointing``: "none", "encoder" or "encoder_decoder": the layers that keep only their inputs
+    in training and recompute the rest in the backward (same values, less memory, more time).
     """
 
     def __init__(
@@ -156,10 +158,10 @@ class DeformableTransformer(nn.Module):
         checkpointing: str = "none",
     ):
         super().__init__()
-        if checkpointing not in CHECKPOINT_MODES:
+        if checkpointing not in ACTIVATION_CHECKPOINTING_MODES:
             raise ValueError(
-                f"MODEL.ISDA.ACTIVATION_CHECKPOINTING={checkpointing!r} must be one of "
-                f"{CHECKPOINT_MODES}"
+                f"DeformableTransformer: checkpointing={checkpointing!r} must be one of "
+                f"{ACTIVATION_CHECKPOINTING_MODES}"
             )
         self.checkpoint_encoder = checkpointing != "none"
         self.checkpoint_decoder = checkpointing == "encoder_decoder"
