@@ -242,10 +242,10 @@ def print_rows(title, rows, header=("model", "stage", "median ms")):
 # ---------------------------------------------------------------------------------------------
 # inference
 # ---------------------------------------------------------------------------------------------
-def inference_models(device: str, dtypes):
+def inference_models(device: str, dtypes, hw):
     """-> {label: (model, stages)}: ISDA in each dtype (same weights), then Mask R-CNN, all calibrated
     and in eval mode."""
-    x = [make_input(IMAGE_HW, device, with_gt=False)]
+    x = [make_input(hw, device, with_gt=False)]
     models, isda_state = {}, None
     for dtype in dtypes:
         model, _ = build_isda(device, "MODEL.ISDA.TEST.DTYPE", dtype)
@@ -261,7 +261,7 @@ def inference_models(device: str, dtypes):
 
 
 def bench_inference(args):
-    models, x = inference_models(args.device, args.dtypes)
+    models, x = inference_models(args.device, args.dtypes, args.image_size)
     timers = {name: StageTimer(m, stages, args.device) for name, (m, stages) in models.items()}
     samples = {name: ([], []) for name in models}
     with torch.inference_mode():
@@ -276,7 +276,8 @@ def bench_inference(args):
         rest = "pre-processing + glue" if name.startswith("ISDA") else "pre/post-processing"
         rows += stage_rows(name, *samples[name], stages, rest)
     print_rows(
-        f"Inference, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, {args.device}, median of {args.repeats}",
+        f"Inference, 1 image {args.image_size[0]}x{args.image_size[1]}, {args.device}, "
+        f"median of {args.repeats}",
         rows,
     )
     print("\n| model | detections | time / Mask R-CNN |\n| --- | ---: | ---: |")
@@ -312,7 +313,7 @@ class ReleasedCodeCriterion(SetCriterion):
         }
 
 
-def train_case(model_name: str, device: str):
+def train_case(model_name: str, device: str, hw=IMAGE_HW):
     """-> (model, step function, stages) for one train-step case."""
     if model_name.startswith("isda"):
         model, cfg = build_isda(device, *CHECKPOINTING_OPTS.get(model_name, ()))
@@ -322,7 +323,7 @@ def train_case(model_name: str, device: str):
     else:
         model, cfg = build_mask_rcnn(device)
         stages = MRCNN_STAGES
-    x = [make_input(IMAGE_HW, device, with_gt=True)]
+    x = [make_input(hw, device, with_gt=True)]
     calibrate_frozen_bn(model, x)
     model.train()
     optimizer = (
@@ -358,9 +359,12 @@ CHECKPOINTING_OPTS = {
 def bench_train(args):
     rows, peaks, loss_values, step_ms = [], {}, {}, {}
     for name in args.cases:
-        peaks[name] = _child(["train-memory", "--device", args.device, "--case", name])
+        size = [str(v) for v in args.image_size]
+        peaks[name] = _child(
+            ["train-memory", "--device", args.device, "--case", name, "--image-size", *size]
+        )
         torch.manual_seed(0)
-        model, step, stages = train_case(name, args.device)
+        model, step, stages = train_case(name, args.device, args.image_size)
         timer = StageTimer(model, stages, args.device)
         torch.manual_seed(0)
         loss_values[name] = step()  # warm-up; the first step's losses are compared below
@@ -375,7 +379,8 @@ def bench_train(args):
         )
         del model
     print_rows(
-        f"Training iteration, batch 1, {IMAGE_HW[0]}x{IMAGE_HW[1]}, {NUM_GT} GT, fp32, {args.device}, "
+        f"Training iteration, batch 1, {args.image_size[0]}x{args.image_size[1]}, {NUM_GT} GT, fp32, "
+        f"{args.device}, "
         f"median of {args.repeats}",
         rows,
     )
@@ -402,7 +407,7 @@ def bench_train(args):
 
 def _train_memory(args):
     torch.manual_seed(0)
-    _, step, _ = train_case(args.case, args.device)
+    _, step, _ = train_case(args.case, args.device, args.image_size)
     step()  # allocate optimizer state and caches first
     print(json.dumps(peak_memory_mib(step, args.device)))
 
@@ -534,6 +539,14 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=list(IMAGE_HW),
+        metavar=("H", "W"),
+        help="inference and train: input size (default: %(default)s)",
+    )
+    p.add_argument(
         "--dtypes",
         nargs="+",
         default=["float32", "bfloat16"],
@@ -549,7 +562,10 @@ def parse_args(argv=None):
     p.add_argument("--case", choices=list(TRAIN_NAMES), help=argparse.SUPPRESS)
     p.add_argument("--short", type=int, help=argparse.SUPPRESS)
     p.add_argument("--queries", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.image_size) < 256:  # the ground-truth rectangles are up to 200 pixels wide
+        p.error(f"--image-size {args.image_size}: both sides must be >= 256")
+    return args
 
 
 def main(argv=None):
