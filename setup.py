@@ -1,9 +1,14 @@
-"""Installs the `isda` package from projects/ISDA and builds its native op `isda._C`."""
+"""Builds the native op `isda._C` of the `isda` package (metadata: pyproject.toml).
+
+The op compiles against the torch installed in the target environment: install with
+`pip install --no-build-isolation -e .` (or without -e), after torch.
+"""
 
 import glob
+import importlib.util
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 PKG_ROOT = os.path.join("projects", "ISDA")
 
@@ -85,15 +90,17 @@ def get_extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
-ext_modules, cmdclass = get_extensions()
+def _require_torch():
+    """Stops the build with the fix when torch is not importable, e.g. in pip's isolated build
+    environment, which hides the torch the op must be compiled against."""
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit(
+            "isda: torch is not importable in this build environment. isda._C is compiled against "
+            "the torch it will run with: install torch (and Detectron2) first, then install isda "
+            "with `pip install --no-build-isolation -e .`."
+        )
 
-setup(
-    name="isda",
-    version="0.1.0",
-    description="ISDA: position-aware instance segmentation with deformable attention, for Detectron2",
-    package_dir={"": PKG_ROOT},
-    packages=find_packages(PKG_ROOT),
-    python_requires=">=3.10",
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+
+_require_torch()
+ext_modules, cmdclass = get_extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

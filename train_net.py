@@ -9,7 +9,6 @@ Without a GPU, set MODEL.DEVICE cpu; ``--num-gpus N`` then starts N CPU processe
 Bad samples, kills and non-finite losses are handled as README "Failure behaviour" describes.
 """
 
-import logging
 import os
 import weakref
 
@@ -21,24 +20,23 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.engine.defaults import create_ddp_model
+from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
 from detectron2.evaluation import COCOEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from isda import add_isda_config
-from isda.config import validate_isda_config
 from isda.data import ISDADatasetMapper
 from isda.data.sample_checks import check_dataset_categories
 from isda.engine import (
     DataIssueCounter,
     DataIssueLogger,
-    ISDAAMPTrainer,
-    ISDASimpleTrainer,
+    FiniteLossCheck,
     SafeDetectionCheckpointer,
     SkippedImageFilter,
+    cpu_ddp_without_device_ids,
 )
-from isda.engine.safe_checkpoint import UNSAFE_PICKLE_ENV
+from isda.file_io import UNSAFE_PICKLE_ENV
 from isda.solver import build_isda_optimizer
 
 
@@ -47,34 +45,20 @@ class Trainer(DefaultTrainer):
     atomic checkpoints, a stop on non-finite losses and counts of skipped samples."""
 
     def __init__(self, cfg):
-        # Same steps as DefaultTrainer.__init__, except the DDP wrapper: Detectron2 always passes
-        # device_ids=[local_rank], which DistributedDataParallel rejects for a CPU model (gloo).
-        super(DefaultTrainer, self).__init__()
-        logger = logging.getLogger("detectron2")
-        if not logger.isEnabledFor(logging.INFO):
-            setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        ddp_kwargs = {"device_ids": None} if on_cpu else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_kwargs)
-        trainer_cls = ISDAAMPTrainer if cfg.SOLVER.AMP.ENABLED else ISDASimpleTrainer
-        self._trainer = trainer_cls(model, data_loader, optimizer)
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = SafeDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with cpu_ddp_without_device_ids(cfg.MODEL.DEVICE):
+            super().__init__(cfg)
 
     def build_hooks(self):
-        hooks = super().build_hooks()
-        # Early, so checkpoints and the metrics writer of the same iteration see its counts.
-        hooks.insert(1, DataIssueLogger(self._trainer.data_loader))
+        # DefaultTrainer.__init__ calls this right after making its DetectionCheckpointer; the
+        # hooks and resume_or_load use this atomic, weights_only one instead.
+        self.checkpointer = SafeDetectionCheckpointer(
+            self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        hooks = [FiniteLossCheck()] + super().build_hooks()
+        # Before the hooks that save or write metrics, so they see this iteration's counts.
+        readers = (PeriodicCheckpointer, EvalHook, PeriodicWriter)
+        first_reader = next((i for i, h in enumerate(hooks) if isinstance(h, readers)), len(hooks))
+        hooks.insert(first_reader, DataIssueLogger(self.data_loader))
         return hooks
 
     @classmethod
@@ -110,12 +94,12 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from file and command line, validated, frozen, with logging and the output dir."""
+    """Config from file and command line, frozen, with logging and the output dir. Building the
+    model validates it (``ISDA.from_config``)."""
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    validate_isda_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")

@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_model.py inference [--device cpu] [--repeats 5] [--dtypes ...]
     .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3] [--cases ...]
     .venv/bin/python benchmarks/bench_model.py scaling   [--device cpu] [--plot benchmarks/scaling.png]
+    .venv/bin/python benchmarks/bench_model.py compiled  [--device cpu] [--repeats 3]
 
 Both models use random weights (nothing can be downloaded here) and the same 800 x 1216 image.
 Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it returns 100 masks per image
@@ -20,6 +21,8 @@ Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it return
   matched masks: the losses are identical (checked), the cost is not. ``isda (checkpointing ...)``
   sets MODEL.ISDA.ACTIVATION_CHECKPOINTING; time and memory ratios are to ``isda``.
 * scaling: ISDA inference time and peak memory against the image's short side and the query count.
+* compiled: ISDA inference with its deformable transformer under ``torch.compile`` (default inductor
+  backend) against eager, same model and image; the compile time is reported apart.
 
 Memory (CPU) is measured in a child process per case, with glibc's mmap threshold lowered so freed
 blocks leave the RSS: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before.
@@ -47,7 +50,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 from isda import add_isda_config
 from isda.modeling.criterion import SetCriterion
-from isda.modeling.mask_head import dynamic_mask_logits
+from isda.modeling.mask_head import MaskHead
 from isda.solver import build_isda_optimizer
 
 # The sibling script (this folder is on sys.path when a script in it runs).
@@ -297,7 +300,7 @@ class ReleasedCodeCriterion(SetCriterion):
     """
 
     def layer_losses(self, logits, kernels, mfr, targets, num_masks):
-        all_masks = dynamic_mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
+        all_masks = MaskHead.mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
         indices = self.matcher(logits, all_masks.detach(), targets)
         total = all_masks.sum() * 0.0
         for b, (q, g) in enumerate(indices):
@@ -505,6 +508,39 @@ def _plot_scaling(results, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# compiled
+# ---------------------------------------------------------------------------------------------
+def bench_compiled(args):
+    """ISDA inference, eager against its transformer compiled with torch.compile (eval mode)."""
+    model, _ = build_isda(args.device)
+    x = [make_input(IMAGE_HW, args.device, with_gt=False)]
+    calibrate_frozen_bn(model, x)
+    model.eval()
+    eager_transformer = model.transformer
+    compiled_transformer = torch.compile(eager_transformer)
+    with torch.no_grad():
+        model.transformer = compiled_transformer
+        compile_s = timed(lambda: model(x), args.device)  # the first call compiles
+        samples = {"eager": [], "transformer compiled": []}
+        for _ in range(args.repeats):
+            for name, transformer in (
+                ("eager", eager_transformer),
+                ("transformer compiled", compiled_transformer),
+            ):
+                model.transformer = transformer
+                samples[name].append(timed(lambda: model(x), args.device))
+    rows = [("ISDA R50", name, _median_ms(times)) for name, times in samples.items()]
+    print_rows(
+        f"Inference, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, fp32, {args.device}, "
+        f"median of {args.repeats}",
+        rows,
+        header=("model", "transformer", "median ms"),
+    )
+    ratio = _median_ms(samples["eager"]) / _median_ms(samples["transformer compiled"])
+    print(f"\nfirst compiled call (compiles): {compile_s:.1f} s; eager / compiled: {ratio:.2f}")
+
+
+# ---------------------------------------------------------------------------------------------
 def _child(argv: List[str]):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     out = subprocess.run(
@@ -534,7 +570,8 @@ def cpu_bf16_support() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "mode", choices=["inference", "train", "scaling", "train-memory", "scaling-point"]
+        "mode",
+        choices=["inference", "train", "scaling", "compiled", "train-memory", "scaling-point"],
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
@@ -570,13 +607,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.mode in ("inference", "train", "scaling"):
+    if args.mode in ("inference", "train", "scaling", "compiled"):
         print(describe_machine())
         print(cpu_bf16_support())
     {
         "inference": bench_inference,
         "train": bench_train,
         "scaling": bench_scaling,
+        "compiled": bench_compiled,
         "train-memory": _train_memory,
         "scaling-point": _scaling_point,
     }[args.mode](args)

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from isda.layers import ms_deform_attn_func as msda
+from isda.layers import msda_dispatch as msda
 
 LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
 HEADS, CHANNELS, POINTS = 8, 32, 4

@@ -22,7 +22,7 @@ find_python310() {
 }
 
 stamp_of() {  # what the installed environment was built from
-  cat "$lock" setup.py $(find projects/ISDA/isda/csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16
+  cat "$lock" pyproject.toml setup.py $(find projects/ISDA/isda/csrc -type f 2>/dev/null | sort) 2>/dev/null | sha256sum | cut -c1-16
 }
 
 want="$(stamp_of)"
@@ -42,6 +42,10 @@ echo "setup: installing the locked stack (first run downloads about 2.5 GB; late
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip==24.2 setuptools==69.5.1 wheel==0.43.0
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$lock"
 echo "setup: installing isda (editable) and building isda._C"
+# PEP 660 editable install. No build isolation: isda._C must compile against the venv's torch.
+# No dependency resolution: the lock is the whole environment, and `pip check` proves it holds
+# every dependency pyproject.toml declares.
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+"$venv/bin/python" -m pip check --disable-pip-version-check
 echo "$want" > "$venv/.isda-stamp"
 echo "setup: ready ($("$venv/bin/python" -c 'import torch, detectron2; print("torch", torch.__version__, "detectron2", detectron2.__version__)'))"

@@ -1,14 +1,11 @@
 """Mixed precision: the model trains under autocast and the deformable attention computes in fp32."""
-import importlib
 
 import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from conftest import tiny_cfg
-
-# The module, not the function of the same name that isda.layers re-exports.
-msda_module = importlib.import_module("isda.layers.ms_deform_attn")
+from isda.layers import msda_module
 
 
 def _sample(h=96, w=128, n=2):

@@ -1,4 +1,4 @@
-"""Checkpoint conversion (isda.checkpoint, tools/convert_*.py): Deformable DETR (original release
+"""Checkpoint conversion (isda.conversion, tools/convert_*.py): Deformable DETR (original release
 and MMDetection 2.x) and torchvision ResNet files -> ISDA's Detectron2 state dict.
 
 No real checkpoint can be downloaded here, so each test writes a synthetic file with the exact key
@@ -9,6 +9,9 @@ a test.
 """
 
 import argparse
+import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,19 +23,29 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from isda import add_isda_config
-from isda.checkpoint import (
-    FORMATS,
-    CheckpointFormatError,
+from isda.conversion import (
     coco_thing_ids,
     convert,
     expected_source_shapes,
     load_source,
+    source_formats,
 )
+from isda.file_io import UnsafePickleError
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "configs" / "Base-ISDA.yaml")
-sys.path.insert(0, str(REPO / "tools"))
-from checkpoint_cli import main as cli_main  # noqa: E402
+FORMATS = source_formats()
+
+
+def _tool(name):
+    """A module of tools/ (a folder of scripts, not a package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cli_main = _tool("checkpoint_cli").main
 
 # Full R50 depth and all 6 + 6 transformer layers (so every index expansion is exercised), but
 # narrow.
@@ -378,11 +391,22 @@ def test_unshared_class_heads_take_each_layer(small_shapes, tmp_path):
         assert torch.all(model.mask_head.class_branches[k].bias == k)
 
 
-def test_torchvision_cli(small_shapes, tmp_path, capsys):
+def test_torchvision_converter_script(small_shapes, tmp_path):
+    """The script as a user runs it: a fresh process that imports the installed package."""
     src = synth_state("torchvision", small_shapes)
     out = tmp_path / "isda.pth"
-    assert run_cli(write(tmp_path, "torchvision", src), out) == 0
-    text = capsys.readouterr().out
+    script = REPO / "tools" / "convert_torchvision_resnet.py"
+    args = ["--config-file", BASE, str(write(tmp_path, "torchvision", src)), str(out), *SMALL]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=tmp_path,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
     assert "fc.weight  (ImageNet classifier)" in text and "0 errors" in text
     model, _, left = _load_converted(out)
     assert left == {k for k in small_shapes if not k.startswith("backbone.")}
@@ -450,12 +474,26 @@ def test_pickled_objects_are_refused_with_an_explanation(small_shapes, tmp_path,
     state = synth_state("ddetr", small_shapes)
     path = tmp_path / "r50_deformable_detr-checkpoint.pth"
     torch.save({"model": state, "args": argparse.Namespace(lr=2e-4)}, path)
-    with pytest.raises(CheckpointFormatError, match="weights_only=True"):
+    with pytest.raises(UnsafePickleError, match="weights_only=True"):
         load_source(str(path))
     out = tmp_path / "isda.pth"
     assert run_cli(path, out) == 2
     assert "--unsafe-pickle" in capsys.readouterr().err and not out.exists()
     assert run_cli(path, out, "--unsafe-pickle") == 0
+
+
+def test_an_interrupted_write_leaves_no_output(small_shapes, tmp_path, monkeypatch, capsys):
+    src = write(tmp_path, "mmdet", synth_state("mmdet", small_shapes))
+    out = tmp_path / "isda.pth"
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        run_cli(src, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.pth"]
 
 
 def test_unknown_layout_is_refused(tmp_path, capsys):

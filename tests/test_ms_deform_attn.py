@@ -12,7 +12,8 @@ import torch
 from torch.testing import assert_close
 
 from isda.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
-from isda.layers import ms_deform_attn_func as msda
+from isda.layers import msda_dispatch as msda
+from isda.layers import msda_native
 
 # Small multi-level maps that include the awkward cases: a 1x1 level and a 1xN level.
 SHAPES_MIXED = ((6, 4), (3, 5), (1, 1), (1, 7))
@@ -240,7 +241,7 @@ def _backend_of(impl=None):
     """Which implementation produced the output (the native one has its own grad_fn)."""
     value, shapes, starts, loc, weights = make_inputs(N=1, Lq=2)
     out = ms_deform_attn(value.requires_grad_(), shapes, starts, loc, weights, impl=impl)
-    return "native" if "MSDeformAttnFunction" in type(out.grad_fn).__name__ else "reference"
+    return "native" if "MSDeformAttnFunction" in out.grad_fn.name() else "reference"
 
 
 @needs_ext
@@ -287,9 +288,9 @@ def test_missing_extension_uses_reference_and_warns_once(monkeypatch, caplog):
     def no_extension(name):
         raise ImportError(f"No module named {name!r}")
 
-    monkeypatch.setattr(msda, "_extension", msda._UNSET)
-    monkeypatch.setattr(msda.importlib, "import_module", no_extension)
-    with caplog.at_level(logging.WARNING, logger=msda.logger.name):
+    monkeypatch.setattr(msda_native, "_extension", msda_native._UNSET)
+    monkeypatch.setattr(msda_native.importlib, "import_module", no_extension)
+    with caplog.at_level(logging.WARNING, logger=msda_native.logger.name):
         assert _backend_of(None) == "reference"
         assert _backend_of(None) == "reference"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -344,14 +345,17 @@ def test_invalid_inputs_name_the_argument(impl, mutate, argument):
 
 
 @needs_ext
-def test_extension_checks_direct_calls():
-    from isda import _C
-
+def test_operator_called_directly_rejects_what_would_read_out_of_bounds():
     value, shapes, starts, loc, weights = make_inputs()
-    with pytest.raises(RuntimeError, match="spatial_shapes must be int64"):
-        _C.ms_deform_attn_forward(value, shapes.int(), starts, loc, weights)
+    op = torch.ops.isda.ms_deform_attn
+    with pytest.raises(RuntimeError, match="spatial_shapes must be .* int64"):
+        op(value, shapes.int(), starts, loc, weights)
     with pytest.raises(RuntimeError, match="attention_weights"):
-        _C.ms_deform_attn_forward(value, shapes, starts, loc, weights[..., :1])
+        op(value, shapes, starts, loc, weights[..., :1])
+    with pytest.raises(RuntimeError, match="does not fit in value's S="):
+        op(value, shapes * 2, starts, loc, weights)
+    with pytest.raises(RuntimeError, match="does not fit in value's S="):
+        op(value, shapes, starts - 1, loc, weights)
 
 
 # --------------------------------------------------------------------------------------------

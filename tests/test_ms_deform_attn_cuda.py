@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from isda.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
-from isda.layers import ms_deform_attn_func as msda
+from isda.layers import msda_dispatch as msda
 from test_ms_deform_attn import (
     CHANNELS,
     F32_TOL,
@@ -177,3 +177,21 @@ def test_mixed_devices_name_the_argument():
 def test_reference_ground_truth_is_device_independent():
     args = make_inputs()
     assert_close(ms_deform_attn_reference(*to_cuda(args)).cpu(), ms_deform_attn_reference(*args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_operator_passes_pytorch_operator_checks(dtype):
+    from test_ms_deform_attn_operator import operator_check, with_grad
+
+    args = with_grad(to_cuda(make_inputs(N=2, M=2, D=5, Lq=3, P=2, dtype=dtype)))
+    operator_check()(torch.ops.isda.ms_deform_attn.default, args)
+
+
+def test_cuda_operator_with_fp32_locations_on_half_values_has_fake_shapes():
+    from test_ms_deform_attn_operator import operator_check
+
+    value, shapes, starts, loc, weights = to_cuda(make_inputs(N=2, M=2, D=8, Lq=3))
+    args = (value.half(), shapes, starts, loc.float(), weights.float())
+    operator_check()(
+        torch.ops.isda.ms_deform_attn.default, args, test_utils=["test_schema", "test_faketensor"]
+    )

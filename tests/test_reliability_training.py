@@ -13,9 +13,16 @@ import time
 
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine.hooks import PeriodicCheckpointer, PeriodicWriter
 
 from conftest import REPO, TINY_CONFIG, run_train_net, tiny_cfg
-from isda.engine import SafeDetectionCheckpointer, check_finite_losses
+from isda.engine import (
+    DataIssueLogger,
+    FiniteLossCheck,
+    SafeDetectionCheckpointer,
+    check_finite_losses,
+)
 from isda.modeling.criterion import SetCriterion
 from isda.modeling.matcher import HungarianMatcher
 
@@ -83,7 +90,6 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import torch
     from isda.engine import SafeDetectionCheckpointer
-    import isda.engine.safe_checkpoint as sc
 
     save_dir, kill_point = sys.argv[1], sys.argv[2]
     model = torch.nn.Linear(4, 3)
@@ -98,14 +104,14 @@ KILL_SCRIPT = textwrap.dedent("""
             f.write(b"PK\\x03\\x04 half a zip file")
             f.flush()
             die()
-        sc.torch.save = partial_save
+        torch.save = partial_save
     else:  # the new model file is complete; last_checkpoint is being replaced
         real_replace = os.replace
         def replace(src, dst):
             if dst.endswith("last_checkpoint"):
                 die()
             real_replace(src, dst)
-        sc.os.replace = replace
+        os.replace = replace
     torch.nn.init.constant_(model.weight, 7.0)
     ckpt.save("model_0000009", iteration=9)
     """)
@@ -143,10 +149,50 @@ def test_a_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("isda.engine.safe_checkpoint.torch.save", disk_full)
+    monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match="No space"):
         ckpt.save("model_0000009", iteration=9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000004.pth"]
+
+
+class _RecordingPathManager:
+    """Records the (path, mode) of every open() and performs it with Detectron2's manager."""
+
+    def __init__(self, base):
+        self.base, self.opened = base, []
+
+    def open(self, path, mode="r", **kwargs):
+        self.opened.append((os.path.basename(path), mode))
+        return self.base.open(path, mode, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+
+def test_fvcore_writes_checkpoints_only_through_the_path_manager(tmp_path):
+    """Pins what SafeDetectionCheckpointer relies on: fvcore opens the model file and
+    last_checkpoint for writing through ``checkpointer.path_manager`` and nothing else."""
+    ckpt = DetectionCheckpointer(torch.nn.Linear(4, 3), str(tmp_path), save_to_disk=True)
+    ckpt.path_manager = _RecordingPathManager(ckpt.path_manager)
+    ckpt.save("model_0000004", iteration=4)
+    assert ckpt.path_manager.opened == [("model_0000004.pth", "wb"), ("last_checkpoint", "w")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000004.pth"]
+
+
+def test_detectron2_reads_pth_files_through_torch_load_hook(tmp_path):
+    """Pins what SafeDetectionCheckpointer relies on: DetectionCheckpointer reads every non-.pkl
+    file with its ``_torch_load`` method, which is where the weights_only rule is applied."""
+    path = tmp_path / "weights.pth"
+    torch.save({"model": torch.nn.Linear(4, 3).state_dict()}, path)
+    read = []
+
+    class Recording(DetectionCheckpointer):
+        def _torch_load(self, f):
+            read.append(f)
+            return super()._torch_load(f)
+
+    Recording(torch.nn.Linear(4, 3)).load(str(path))
+    assert read == [str(path)]
 
 
 def test_non_finite_loss_stops_the_run_naming_the_term_and_iteration(tiny_data_root, tmp_path):
@@ -163,6 +209,11 @@ def test_non_finite_loss_stops_the_run_naming_the_term_and_iteration(tiny_data_r
         return losses
 
     model.criterion.register_forward_hook(poison)
+    # The check runs first; the data counts come before every hook that saves or writes metrics.
+    order = [type(h) for h in trainer._hooks]
+    assert order[0] is FiniteLossCheck
+    readers = [order.index(t) for t in (PeriodicCheckpointer, PeriodicWriter)]
+    assert order.index(DataIssueLogger) < min(readers)
     with pytest.raises(FloatingPointError, match=r"iteration 3: loss_mask_0=nan"):
         trainer.train()
     # The optimizer never stepped on the NaN gradients.

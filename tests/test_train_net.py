@@ -84,6 +84,8 @@ def test_eval_only_loads_weights_and_writes_coco_results(trained, tmp_path):
 
 
 def test_two_cpu_processes_train_with_gloo(tiny_data_root, tmp_path):
+    """Also pins what isda.engine.cpu_ddp relies on: DefaultTrainer wraps the model through
+    detectron2.engine.defaults.create_ddp_model (DDP rejects device_ids for a CPU model)."""
     proc = run_train_net(
         "--config-file",
         TINY_CONFIG,

@@ -1,33 +1,103 @@
 """Shared command line of tools/convert_deformable_detr.py and tools/convert_torchvision_resnet.py.
 
-The mapping tables and the conversion live in ``isda.checkpoint``; this file only parses arguments,
-prints the report and sets the exit status: 0 written, 1 problems and nothing written, 2 unreadable
-or unknown file.
+The mapping tables and the conversion live in the installed package (``isda.conversion``); this
+file builds the target model from a config, parses arguments, prints the report and sets the exit
+status: 0 written, 1 problems and nothing written, 2 unreadable or unknown file.
 """
 
 import argparse
-import os
 import sys
+from typing import Dict, Sequence, Tuple
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import isda  # noqa: F401
-except ImportError:  # not pip-installed: use the source tree
-    sys.path.insert(0, os.path.join(REPO_ROOT, "projects", "ISDA"))
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
 
-from isda.checkpoint import CheckpointFormatError, add_cli_arguments, run_conversion  # noqa: E402
+from isda import add_isda_config
+from isda.conversion import (
+    CheckpointFormatError,
+    ConversionReport,
+    convert,
+    detect_format,
+    extract_state_dict,
+    load_source,
+    save_converted,
+    source_formats,
+)
+from isda.file_io import UnsafePickleError
+
+Shape = Tuple[int, ...]
 
 
-def main(argv, formats, description: str) -> int:
-    """Runs one conversion; see ``add_cli_arguments`` for the options."""
+def target_shapes_from_config(config_file: str, opts: Sequence[str] = ()) -> Dict[str, Shape]:
+    """Builds ISDA on CPU from a config and returns its state-dict layout (no weights loaded)."""
+    cfg = get_cfg()
+    add_isda_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE, cfg.MODEL.WEIGHTS = "cpu", ""
+    model = build_model(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def argument_parser(formats: Sequence[str], description: str) -> argparse.ArgumentParser:
+    """The options both conversion scripts share."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_cli_arguments(parser, formats)
-    args = parser.parse_args(argv)
+    parser.add_argument("source", help="checkpoint to convert")
+    parser.add_argument("output", help="converted .pth for MODEL.WEIGHTS")
+    parser.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", *formats],
+        help="source layout (default: detect)",
+    )
+    parser.add_argument(
+        "--config-file",
+        default="configs/Base-ISDA.yaml",
+        help="ISDA config that defines the target model (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="write the file even if keys are missing, unmapped or of the wrong shape",
+    )
+    parser.add_argument(
+        "--unsafe-pickle",
+        action="store_true",
+        help="load with weights_only=False (only for files you trust; also ISDA_UNSAFE_PICKLE=1)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the summary and problems")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def run_conversion(
+    args: argparse.Namespace, formats: Sequence[str]
+) -> Tuple[ConversionReport, bool]:
+    """Loads, converts and (unless there are errors and no --allow-partial) writes. Returns the
+    report and whether a file was written."""
+    obj = load_source(args.source, allow_unsafe_pickle=True if args.unsafe_pickle else None)
+    fmt = detect_format(obj) if args.format == "auto" else source_formats()[args.format]
+    if fmt.name not in formats:
+        raise CheckpointFormatError(
+            f"{args.source} looks like '{fmt.name}', this tool reads {list(formats)}"
+        )
+    source = extract_state_dict(obj, fmt)
+    target = target_shapes_from_config(args.config_file, args.opts)
+    state, report = convert(source, fmt, target)
+    if report.ok or args.allow_partial:
+        save_converted(args.output, state, report)
+        return report, True
+    return report, False
+
+
+def main(argv: Sequence[str], formats: Sequence[str], description: str) -> int:
+    """Runs one conversion; returns the exit status (see the module docstring)."""
+    args = argument_parser(formats, description).parse_args(argv)
     try:
         report, written = run_conversion(args, formats)
-    except CheckpointFormatError as e:
+    except (CheckpointFormatError, UnsafePickleError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.format(full=not args.quiet))

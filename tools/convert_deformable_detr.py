@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Convert a COCO-trained Deformable DETR R50 checkpoint into ISDA's initialisation (spec §2, §7).
+"""Convert a COCO-trained Deformable DETR R50 checkpoint into ISDA's initialisation (what the
+authors' configs/isda/isda_r50_3x_coco.py loads with load_from).
 
 Reads either public release and writes a .pth for MODEL.WEIGHTS:
   mmdet  MMDetection 2.x deformable_detr_r50_16x2_50e_coco_20210419_220030-a12b9512.pth

@@ -34,7 +34,6 @@ matplotlib.use("Agg")  # headless: only files are written
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor, default_argument_parser  # noqa: E402
@@ -47,6 +46,7 @@ from isda.data.synthetic import (  # noqa: E402
     generate_synthetic_dataset,
     register_synthetic_datasets,
 )
+from isda.engine import SafeDetectionCheckpointer  # noqa: E402
 from train_net import Trainer, configure_cpu_threads, setup  # noqa: E402
 
 logger = logging.getLogger("detectron2.run_demo")
@@ -131,7 +131,7 @@ def train(cfg, retrain):
 def evaluate(cfg):
     """COCO evaluation of OUTPUT_DIR/model_final.pth on every DATASETS.TEST split."""
     model = Trainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(
+    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(
         os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL)
     )
     evaluators = [

@@ -35,6 +35,8 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ..file_io import atomic_open
+
 __all__ = [
     "CATEGORIES",
     "DEFAULT_SPLITS",
@@ -347,10 +349,8 @@ def _image_seed(seed, split, index):
 
 
 def _write_atomic(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         f.write(data)
-    os.replace(tmp, path)
 
 
 def generate_split(root, split, num_images, seed=0, identical_only=False, params=None):

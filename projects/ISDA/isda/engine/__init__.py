@@ -1,17 +1,17 @@
-"""Run-time safety for long training runs: atomic checkpoints, non-finite-loss stops, and
-accounting for skipped data (README "Failure behaviour")."""
+"""Run-time safety for long training runs: atomic checkpoints, non-finite-loss stops, accounting
+for skipped data (README "Failure behaviour"), and CPU multi-process training."""
 
+from .cpu_ddp import cpu_ddp_without_device_ids
 from .data_issues import DataIssueCounter, DataIssueLogger, SkippedImageFilter
-from .safe_checkpoint import SafeDetectionCheckpointer, atomic_write
-from .trainers import ISDAAMPTrainer, ISDASimpleTrainer, check_finite_losses
+from .loss_check import FiniteLossCheck, check_finite_losses
+from .safe_checkpoint import SafeDetectionCheckpointer
 
 __all__ = [
     "DataIssueCounter",
     "DataIssueLogger",
-    "ISDAAMPTrainer",
-    "ISDASimpleTrainer",
+    "FiniteLossCheck",
     "SafeDetectionCheckpointer",
     "SkippedImageFilter",
-    "atomic_write",
     "check_finite_losses",
+    "cpu_ddp_without_device_ids",
 ]

@@ -1,118 +1,72 @@
 """Checkpoints that survive ``kill -9`` and load without running pickled code.
 
-fvcore's ``Checkpointer.save`` writes the model straight to its final path and then overwrites
+fvcore's ``Checkpointer`` writes the model straight to its final path and then overwrites
 ``last_checkpoint`` in place: a kill in between leaves a truncated ``model_XXXX.pth`` or a
-``last_checkpoint`` that names one, and ``--resume`` then fails. Here every file is written to a
-temporary name in the same directory, flushed to disk and renamed over the target (``os.replace``
-is atomic on POSIX), so either the old or the new complete file is visible, never a partial one.
+``last_checkpoint`` that names one, and ``--resume`` then fails. fvcore does all its file access
+through the checkpointer's ``path_manager``, so that is where this one plugs in: local files
+opened for writing go through :func:`isda.file_io.atomic_open`; everything else (reads, remote
+stores) goes to Detectron2's path manager unchanged.
 
-Loading uses ``torch.load(weights_only=True)``: Detectron2 training checkpoints and the converters'
-outputs are plain tensors and numbers, so nothing needs pickle. Files that do need it are refused
-unless the user opts in (``allow_unsafe_pickle``; README "Security"). Detectron2 model-zoo ``.pkl``
-files keep Detectron2's pickle loader, which is why they must come from a trusted source.
+``.pth`` files load with :func:`isda.file_io.load_weights` (``weights_only=True``). Detectron2
+model-zoo ``.pkl`` files keep Detectron2's pickle loader, so they must come from a trusted source.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
-import pickle
-from typing import IO, cast
+from typing import Optional
 
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["SafeDetectionCheckpointer", "atomic_write"]
+from ..file_io import atomic_open, load_weights, stale_temporaries, unsafe_pickle_allowed
+
+__all__ = ["SafeDetectionCheckpointer"]
 
 logger = logging.getLogger(__name__)
-TMP_MARK = ".tmp-"
-UNSAFE_PICKLE_ENV = "ISDA_UNSAFE_PICKLE"
 
 
-def atomic_write(path: str, write, mode: str = "wb") -> None:
-    """Calls ``write(f)`` on a temporary file beside ``path``, fsyncs it, then renames it to ``path``.
+class _AtomicLocalWrites:
+    """A path manager that writes local files atomically and delegates everything else."""
 
-    A crash at any point leaves ``path`` as it was (or absent) plus, at worst, a hidden temporary.
-    """
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(directory)
+    def __init__(self, base):
+        self._base = base
 
+    def open(self, path: str, mode: str = "r", **kwargs):
+        if mode in ("w", "wb") and _is_local(path):
+            return atomic_open(path, mode)
+        return self._base.open(path, mode, **kwargs)
 
-def _fsync_dir(directory: str) -> None:
-    """Makes the rename itself durable (a power loss could otherwise undo it)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def __getattr__(self, name):
+        return getattr(self._base, name)
 
 
 class SafeDetectionCheckpointer(DetectionCheckpointer):
-    """DetectionCheckpointer with atomic saves and ``weights_only`` loading of ``.pth`` files."""
+    """DetectionCheckpointer with atomic saves and ``weights_only`` loading of ``.pth`` files.
 
-    def __init__(self, model, save_dir="", *, allow_unsafe_pickle=None, **kwargs):
-        super().__init__(model, save_dir, **kwargs)
-        if allow_unsafe_pickle is None:
-            allow_unsafe_pickle = os.environ.get(UNSAFE_PICKLE_ENV, "") == "1"
-        self.allow_unsafe_pickle = allow_unsafe_pickle
+    Args:
+        allow_unsafe_pickle: load ``.pth`` files that need pickle; None reads
+            ``ISDA_UNSAFE_PICKLE`` (see :func:`isda.file_io.unsafe_pickle_allowed`).
+    """
 
-    def save(self, name: str, **kwargs) -> None:
-        if not self.save_dir or not self.save_to_disk:
-            return
-        if not _is_local(self.save_dir):  # remote stores (PathManager URLs) keep fvcore's writer
-            return super().save(name, **kwargs)
-        data = {"model": self.model.state_dict()}
-        for key, obj in self.checkpointables.items():
-            data[key] = obj.state_dict()
-        data.update(kwargs)
-        basename = f"{name}.pth"
-        save_file = os.path.join(self.save_dir, basename)
-        self.logger.info("Saving checkpoint to %s", save_file)
-        atomic_write(save_file, lambda f: torch.save(data, cast(IO[bytes], f)))
-        self.tag_last_checkpoint(basename)
-
-    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if not _is_local(self.save_dir):
-            return super().tag_last_checkpoint(last_filename_basename)
-        atomic_write(
-            os.path.join(self.save_dir, "last_checkpoint"),
-            lambda f: f.write(last_filename_basename),
-            mode="w",
-        )
+    def __init__(self, model, save_dir="", *, allow_unsafe_pickle: Optional[bool] = None, **kw):
+        super().__init__(model, save_dir, **kw)
+        self.path_manager = _AtomicLocalWrites(self.path_manager)
+        self.allow_unsafe_pickle = unsafe_pickle_allowed(allow_unsafe_pickle)
 
     def resume_or_load(self, path: str, *, resume: bool = True):
-        if resume and self.save_to_disk and _is_local(self.save_dir):
-            self._remove_stale_temporaries()
+        if resume and self.save_to_disk and self.save_dir and _is_local(self.save_dir):
+            # Only the process that writes checkpoints removes what an interrupted write left.
+            for tmp in stale_temporaries(self.save_dir):
+                logger.info("Removing %s, left by an interrupted checkpoint write", tmp)
+                os.remove(tmp)
         return super().resume_or_load(path, resume=resume)
 
-    def _remove_stale_temporaries(self) -> None:
-        """Temporaries left by a process killed mid-write are incomplete by construction."""
-        for tmp in glob.glob(os.path.join(self.save_dir, f".*{TMP_MARK}*")):
-            logger.info("Removing %s, left by an interrupted checkpoint write", tmp)
-            os.remove(tmp)
-
     def _torch_load(self, f: str):
-        try:
-            return torch.load(f, map_location="cpu", weights_only=not self.allow_unsafe_pickle)
-        except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(
-                f"{f}: torch.load(weights_only=True) refused it because it pickles Python objects, "
-                "which can run code. Only if you trust the file, load it with "
-                f"{UNSAFE_PICKLE_ENV}=1 (train_net.py --unsafe-pickle), or re-save just its "
-                "tensors. See README 'Security'."
-            ) from e
+        # DetectionCheckpointer._load_file reads every non-.pkl file through this method
+        # (tests/test_reliability_training.py pins that).
+        return load_weights(f, allow_unsafe_pickle=self.allow_unsafe_pickle)
 
 
-def _is_local(directory: str) -> bool:
-    return "://" not in directory
+def _is_local(path: str) -> bool:
+    return "://" not in path

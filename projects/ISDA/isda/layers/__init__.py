@@ -1,7 +1,6 @@
-from .ms_deform_attn import MSDeformAttn
+from .msda_dispatch import ms_deform_attn
+from .msda_module import MSDeformAttn
+from .msda_native import op_library_path
+from .msda_reference import ms_deform_attn_reference
 
-# Imported after the submodule `ms_deform_attn` so that the name `isda.layers.ms_deform_attn`
-# is the function (importing a submodule binds its name on the package).
-from .ms_deform_attn_func import ms_deform_attn, ms_deform_attn_reference
-
-__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "MSDeformAttn", "op_library_path"]

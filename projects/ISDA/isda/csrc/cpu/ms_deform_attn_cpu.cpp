@@ -7,18 +7,22 @@
 // Parallelism:
 //   forward  - over (n, q) rows: every row writes only its own output slice.
 //   backward - over (n, m) heads: grad_value[n, :, m, :] is written by exactly one task, so the
-//              scatter-add needs neither atomics nor per-thread buffers. Each query's corner
-//              rows are prefetched before use (scattered decoder samples miss the cache).
+//              scatter-add needs neither atomics nor per-thread buffers.
+// Both passes first compute the taps of all L * P samples of a head-query and prefetch their
+// corner rows, then use them (scattered samples miss the cache; the loads then overlap).
 // The hot loops are compiled twice (AVX2+FMA and baseline x86-64, picked at load time), D = 32 is
 // specialised at compile time, and all index arithmetic is int64_t.
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "../ms_deform_attn.h"
+#include "../ms_deform_attn_taps.h"
 
 namespace isda {
 namespace {
@@ -26,7 +30,6 @@ namespace {
 // (n, q) rows per parallel_for chunk in the forward: enough work per chunk to amortise the
 // scheduling, small enough to balance the decoder shape (Lq = 300).
 constexpr int64_t kForwardGrainRows = 16;
-constexpr int kCorners = 4;
 constexpr int64_t kCacheLine = 64;         // bytes
 constexpr int64_t kMaxPrefetchBytes = 256;  // per row: the first lines are enough to start
 
@@ -41,73 +44,6 @@ C10_ALWAYS_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
     __builtin_prefetch(bytes + b);
   }
 #endif
-}
-
-// The four bilinear taps of one sample on one level.
-// Corner order: (h_low, w_low), (h_low, w_high), (h_high, w_low), (h_high, w_high).
-template <typename acc_t>
-struct Taps {
-  int64_t offset[kCorners];  // element offset of each corner's channel row in the level
-  acc_t weight[kCorners];    // bilinear weight of each corner
-  bool valid[kCorners];      // corner inside the map (zero padding otherwise)
-  bool all_valid;
-  acc_t lh, lw;              // fractional parts: h_im - h_low, w_im - w_low
-};
-
-// Exact floor of a finite value as int64: truncate, then step down for negative non-integers.
-// (Cheaper than std::floor, which is a library call on the baseline x86-64 ISA.)
-template <typename acc_t>
-C10_ALWAYS_INLINE int64_t floor_to_int(acc_t v) {
-  const int64_t truncated = static_cast<int64_t>(v);
-  return truncated - static_cast<int64_t>(static_cast<acc_t>(truncated) > v);
-}
-
-// Computes the taps of location (x, y) on an H x W level whose tokens are `row_stride` elements
-// apart. Returns false when no corner can be inside the map (or the location is NaN), so the
-// sample contributes nothing and has zero gradient - exactly grid_sample's zero padding.
-template <typename acc_t>
-inline bool compute_taps(acc_t x, acc_t y, int64_t H, int64_t W, int64_t row_stride,
-                         Taps<acc_t>& t) {
-  // align_corners=False: normalised 0 is the left edge of pixel 0, i.e. pixel coordinate -0.5.
-  const acc_t h_im = y * static_cast<acc_t>(H) - acc_t(0.5);
-  const acc_t w_im = x * static_cast<acc_t>(W) - acc_t(0.5);
-  // Written so that NaN fails; h_im == -1 still has its high corner on row 0 (grid_sample keeps
-  // that corner's gradient), so the lower bound is inclusive.
-  if (!(h_im >= acc_t(-1) && w_im >= acc_t(-1) && h_im < static_cast<acc_t>(H) &&
-        w_im < static_cast<acc_t>(W))) {
-    return false;
-  }
-  const int64_t h_low = floor_to_int(h_im);
-  const int64_t w_low = floor_to_int(w_im);
-  t.lh = h_im - static_cast<acc_t>(h_low);
-  t.lw = w_im - static_cast<acc_t>(w_low);
-  const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
-  const bool h_low_in = h_low >= 0, h_high_in = h_low + 1 < H;
-  const bool w_low_in = w_low >= 0, w_high_in = w_low + 1 < W;
-  t.weight[0] = hh * hw;
-  t.weight[1] = hh * t.lw;
-  t.weight[2] = t.lh * hw;
-  t.weight[3] = t.lh * t.lw;
-  t.valid[0] = h_low_in && w_low_in;
-  t.valid[1] = h_low_in && w_high_in;
-  t.valid[2] = h_high_in && w_low_in;
-  t.valid[3] = h_high_in && w_high_in;
-  // The other corners are one token right / one row down from (h_low, w_low).
-  t.offset[0] = (h_low * W + w_low) * row_stride;
-  t.offset[1] = t.offset[0] + row_stride;
-  t.offset[2] = t.offset[0] + W * row_stride;
-  t.offset[3] = t.offset[2] + row_stride;
-  t.all_valid = t.valid[0] && t.valid[1] && t.valid[2] && t.valid[3];
-  return true;
-}
-
-struct Sizes {
-  int64_t N, S, M, D, Lq, L, P;
-};
-
-Sizes get_sizes(const at::Tensor& value, const at::Tensor& sampling_loc) {
-  return Sizes{value.size(0), value.size(1), value.size(2), value.size(3),
-               sampling_loc.size(1), sampling_loc.size(3), sampling_loc.size(4)};
 }
 
 // Raw pointers of one call (all tensors contiguous). Gradients are null in the forward.
@@ -164,6 +100,31 @@ C10_ALWAYS_INLINE void accumulate_sample(const scalar_t* __restrict__ value_leve
   }
 }
 
+// Taps of the L * P samples of one (n, q, m) (inside[lp] false: no corner in the map), with their
+// corner rows prefetched: issuing every load of the head-query before using any overlaps the
+// cache misses of scattered samples.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void head_query_taps(const KernelArgs<scalar_t>& a, const scalar_t* value_head,
+                                       int64_t nqm, int64_t row_stride, Taps<acc_t>* taps,
+                                       char* inside) {
+  const Sizes& s = a.s;
+  const scalar_t* loc_nqm = a.loc + nqm * s.L * s.P * 2;
+  for (int64_t l = 0; l < s.L; ++l) {
+    const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
+    const scalar_t* value_level = value_head + a.starts[l] * row_stride;
+    for (int64_t p = 0; p < s.P; ++p) {
+      const int64_t lp = l * s.P + p;
+      Taps<acc_t>& t = taps[lp];
+      inside[lp] =
+          compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
+      if (!inside[lp]) continue;
+      for (int c = 0; c < kCorners; ++c) {
+        if (t.valid[c]) prefetch_row(value_level + t.offset[c], s.D);
+      }
+    }
+  }
+}
+
 // Forward over the flattened (n, q) rows [begin, end).
 template <int kD, typename scalar_t>
 C10_ALWAYS_INLINE void forward_rows(const KernelArgs<scalar_t>& a, int64_t begin, int64_t end) {
@@ -172,25 +133,32 @@ C10_ALWAYS_INLINE void forward_rows(const KernelArgs<scalar_t>& a, int64_t begin
   const int64_t D = channels<kD>(s.D);
   const int64_t row_stride = s.M * D;  // elements between consecutive tokens of one head
   const int64_t LP = s.L * s.P;
+  std::vector<Taps<acc_t>> taps(LP);  // the samples of one (n, q, m)
+  std::vector<char> inside(LP);
   for (int64_t nq = begin; nq < end; ++nq) {
     const int64_t n = nq / s.Lq;
     const scalar_t* value_n = a.value + n * s.S * row_stride;
     for (int64_t m = 0; m < s.M; ++m) {
       const int64_t nqm = nq * s.M + m;
+      const scalar_t* value_head = value_n + m * D;
+      head_query_taps(a, value_head, nqm, row_stride, taps.data(), inside.data());
       scalar_t* o = a.out + nqm * D;
-      std::fill(o, o + D, scalar_t(0));
-      const scalar_t* loc_nqm = a.loc + nqm * LP * 2;
+      // With D known at compile time the sum lives in registers and is stored once.
+      acc_t local[kD > 0 ? kD : 1];
+      acc_t* acc = kD > 0 ? local : o;
+      std::fill(acc, acc + D, acc_t(0));
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       for (int64_t l = 0; l < s.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const scalar_t* value_level = value_n + a.starts[l] * row_stride + m * D;
+        const scalar_t* value_level = value_head + a.starts[l] * row_stride;
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t lp = l * s.P + p;
-          Taps<acc_t> t;
-          if (compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t)) {
-            accumulate_sample<kD, scalar_t, acc_t>(value_level, t, attn_nqm[lp], D, o);
+          if (inside[lp]) {
+            accumulate_sample<kD, scalar_t, acc_t>(value_level, taps[lp], attn_nqm[lp], D, acc);
           }
         }
+      }
+      if (kD > 0) {
+        std::copy(acc, acc + D, o);
       }
     }
   }
@@ -272,25 +240,19 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
     for (int64_t q = 0; q < s.Lq; ++q) {
       const int64_t nqm = (n * s.Lq + q) * s.M + m;
       const scalar_t* go = a.grad_out + nqm * D;
-      const scalar_t* loc_nqm = a.loc + nqm * LP * 2;
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       scalar_t* gloc_nqm = a.grad_loc + nqm * LP * 2;
       scalar_t* gattn_nqm = a.grad_attn + nqm * LP;
-      // Pass 1: all taps of this query, with their rows prefetched. Scattered samples (decoder
-      // queries) miss the cache on every corner; issuing the loads early overlaps the misses.
+      // Pass 1: all taps of this query, with their value rows prefetched (and the rows of
+      // grad_value, which pass 2 updates).
+      head_query_taps(a, a.value + head_offset, nqm, row_stride, taps.data(), inside.data());
       for (int64_t l = 0; l < s.L; ++l) {
-        const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-        const int64_t level_offset = head_offset + a.starts[l] * row_stride;
+        const scalar_t* grad_level = a.grad_value + head_offset + a.starts[l] * row_stride;
         for (int64_t p = 0; p < s.P; ++p) {
           const int64_t lp = l * s.P + p;
-          Taps<acc_t>& t = taps[lp];
-          inside[lp] =
-              compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
           if (!inside[lp]) continue;
           for (int c = 0; c < kCorners; ++c) {
-            if (!t.valid[c]) continue;
-            prefetch_row(a.value + level_offset + t.offset[c], D);
-            prefetch_row(a.grad_value + level_offset + t.offset[c], D);
+            if (taps[lp].valid[c]) prefetch_row(grad_level + taps[lp].offset[c], D);
           }
         }
       }
@@ -306,14 +268,10 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
           acc_t dot[kCorners];
           backward_sample<kD, scalar_t, acc_t>(a.value + level_offset,
                                                a.grad_value + level_offset, go, t, w, D, dot);
-          const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
-          gattn_nqm[lp] = t.weight[0] * dot[0] + t.weight[1] * dot[1] + t.weight[2] * dot[2] +
-                          t.weight[3] * dot[3];
-          // d(sample)/d(w_im) and d(sample)/d(h_im); chain rule through w_im = x * W - 0.5.
-          const acc_t d_w = hh * (dot[1] - dot[0]) + t.lh * (dot[3] - dot[2]);
-          const acc_t d_h = hw * (dot[2] - dot[0]) + t.lw * (dot[3] - dot[1]);
-          gloc_nqm[2 * lp] = w * d_w * static_cast<acc_t>(W);
-          gloc_nqm[2 * lp + 1] = w * d_h * static_cast<acc_t>(H);
+          const SampleGrads<acc_t> g = sample_grads(t, dot, w, H, W);
+          gattn_nqm[lp] = g.attn;
+          gloc_nqm[2 * lp] = g.x;
+          gloc_nqm[2 * lp + 1] = g.y;
         }
       }
     }
@@ -375,34 +333,40 @@ void backward_range(const KernelArgs<double>& a, int64_t b, int64_t e) {
   backward_heads_f64(a, b, e);
 }
 
-void check_cpu(const at::Tensor& value) {
-  TORCH_CHECK(value.is_cpu(), "ms_deform_attn_cpu: expected CPU tensors, got ", value.device());
+// Every level must lie inside value's tokens: the kernels index value with these numbers.
+void check_levels(const at::Tensor& shapes, const at::Tensor& starts, int64_t S) {
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  for (int64_t l = 0; l < shapes.size(0); ++l) {
+    TORCH_CHECK(level_fits(start[l], hw[2 * l], hw[2 * l + 1], S), "ms_deform_attn: level ", l,
+                " (H=", hw[2 * l], ", W=", hw[2 * l + 1], ", start ", start[l],
+                ") does not fit in value's S=", S, " tokens");
+  }
 }
 
-}  // namespace
+Inputs checked_cpu_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                          const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
+                          const at::Tensor& attn_weight) {
+  Inputs in = checked_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight,
+                             c10::DeviceType::CPU);
+  check_levels(in.shapes, in.starts, value.size(1));
+  return in;
+}
 
-at::Tensor ms_deform_attn_cpu_forward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_loc,
-    const at::Tensor& attn_weight) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  check_cpu(value);
+at::Tensor forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                       const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
+                       const at::Tensor& attn_weight) {
+  const Inputs in =
+      checked_cpu_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
   const Sizes s = get_sizes(value, sampling_loc);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_loc.contiguous();
-  const auto attn_c = attn_weight.contiguous();
   auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   if (output.numel() == 0) {
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_forward", [&] {
-    KernelArgs<scalar_t> a{value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
-                           starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
-                           attn_c.data_ptr<scalar_t>(), nullptr, output.data_ptr<scalar_t>(),
+    KernelArgs<scalar_t> a{in.value.data_ptr<scalar_t>(), in.shapes.data_ptr<int64_t>(),
+                           in.starts.data_ptr<int64_t>(), in.loc.data_ptr<scalar_t>(),
+                           in.attn.data_ptr<scalar_t>(), nullptr, output.data_ptr<scalar_t>(),
                            nullptr, nullptr, nullptr, s};
     at::parallel_for(0, s.N * s.Lq, kForwardGrainRows,
                      [&](int64_t begin, int64_t end) { forward_range(a, begin, end); });
@@ -410,34 +374,24 @@ at::Tensor ms_deform_attn_cpu_forward(
   return output;
 }
 
-std::vector<at::Tensor> ms_deform_attn_cpu_backward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_loc,
-    const at::Tensor& attn_weight,
-    const at::Tensor& grad_output) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  check_grad_output(grad_output, sampling_loc, value);
-  check_cpu(value);
+Grads backward_cpu(const at::Tensor& grad_output, const at::Tensor& value,
+                   const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_loc, const at::Tensor& attn_weight) {
+  const Inputs in =
+      checked_cpu_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
+  check_grad_output(grad_output, value, sampling_loc);
   const Sizes s = get_sizes(value, sampling_loc);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_loc.contiguous();
-  const auto attn_c = attn_weight.contiguous();
-  const auto grad_out_c = grad_output.contiguous();
-  auto grad_loc = at::zeros_like(loc_c);
-  auto grad_attn = at::zeros_like(attn_c);
-  if (grad_out_c.numel() == 0 || value_c.numel() == 0) {
-    return {at::zeros_like(value_c), grad_loc, grad_attn};
+  const auto grad_out = grad_output.contiguous();
+  auto grad_loc = at::zeros_like(in.loc);
+  auto grad_attn = at::zeros_like(in.attn);
+  if (grad_out.numel() == 0 || in.value.numel() == 0) {
+    return {at::zeros_like(in.value), grad_loc, grad_attn};
   }
-  // Zeroed per head inside backward_heads.
-  auto grad_value = at::empty_like(value_c);
+  auto grad_value = at::empty_like(in.value);  // zeroed per head inside backward_heads
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
-    KernelArgs<scalar_t> a{value_c.data_ptr<scalar_t>(), shapes_c.data_ptr<int64_t>(),
-                           starts_c.data_ptr<int64_t>(), loc_c.data_ptr<scalar_t>(),
-                           attn_c.data_ptr<scalar_t>(), grad_out_c.data_ptr<scalar_t>(),
+    KernelArgs<scalar_t> a{in.value.data_ptr<scalar_t>(), in.shapes.data_ptr<int64_t>(),
+                           in.starts.data_ptr<int64_t>(), in.loc.data_ptr<scalar_t>(),
+                           in.attn.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                            nullptr, grad_value.data_ptr<scalar_t>(),
                            grad_loc.data_ptr<scalar_t>(), grad_attn.data_ptr<scalar_t>(), s};
     // One task per (n, m) head: race-free scatter into grad_value (see backward_heads).
@@ -445,6 +399,13 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(
                      [&](int64_t begin, int64_t end) { backward_range(a, begin, end); });
   });
   return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(isda, CPU, m) {
+  m.impl("ms_deform_attn", &forward_cpu);
+  m.impl("_ms_deform_attn_backward", &backward_cpu);
 }
 
 }  // namespace isda

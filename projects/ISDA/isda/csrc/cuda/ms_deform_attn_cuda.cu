@@ -20,11 +20,13 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 
 #include "../ms_deform_attn.h"
+#include "../ms_deform_attn_taps.h"
 
 namespace isda {
 namespace {
@@ -38,51 +40,6 @@ constexpr int kTargetChannelsPerLane = 4;
 constexpr int kMaxChannelsPerLaneSmall = 4;
 constexpr int kMaxChannelsPerLaneMedium = 8;
 constexpr int kMaxChannelsPerLaneLarge = 32;
-
-struct Sizes {
-  int64_t N, S, M, D, Lq, L, P;
-};
-
-// The bilinear taps of one sample; see the CPU kernel for the conventions (identical math).
-template <typename acc_t>
-struct Taps {
-  int64_t offset[4];
-  acc_t weight[4];
-  bool valid[4];
-  acc_t lh, lw;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ bool compute_taps(acc_t x, acc_t y, int64_t H, int64_t W,
-                                             int64_t row_stride, Taps<acc_t>& t) {
-  const acc_t h_im = y * static_cast<acc_t>(H) - acc_t(0.5);
-  const acc_t w_im = x * static_cast<acc_t>(W) - acc_t(0.5);
-  if (!(h_im >= acc_t(-1) && w_im >= acc_t(-1) && h_im < static_cast<acc_t>(H) &&
-        w_im < static_cast<acc_t>(W))) {
-    return false;  // no corner inside the map (or NaN): zero output, zero gradient
-  }
-  const int64_t h_low = static_cast<int64_t>(floor(h_im));
-  const int64_t w_low = static_cast<int64_t>(floor(w_im));
-  const int64_t h_high = h_low + 1, w_high = w_low + 1;
-  t.lh = h_im - static_cast<acc_t>(h_low);
-  t.lw = w_im - static_cast<acc_t>(w_low);
-  const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
-  const bool h_low_in = h_low >= 0, h_high_in = h_high < H;
-  const bool w_low_in = w_low >= 0, w_high_in = w_high < W;
-  t.weight[0] = hh * hw;
-  t.weight[1] = hh * t.lw;
-  t.weight[2] = t.lh * hw;
-  t.weight[3] = t.lh * t.lw;
-  t.valid[0] = h_low_in && w_low_in;
-  t.valid[1] = h_low_in && w_high_in;
-  t.valid[2] = h_high_in && w_low_in;
-  t.valid[3] = h_high_in && w_high_in;
-  t.offset[0] = (h_low * W + w_low) * row_stride;
-  t.offset[1] = (h_low * W + w_high) * row_stride;
-  t.offset[2] = (h_high * W + w_low) * row_stride;
-  t.offset[3] = (h_high * W + w_high) * row_stride;
-  return true;
-}
 
 // Sum of v over the `lanes` threads of this thread's segment (lanes is a power of two <= 32).
 template <typename T>
@@ -128,6 +85,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    if (!level_fits(starts[l], H, W, s.S)) continue;  // never read outside value
     const scalar_t* value_level = value_head + starts[l] * row_stride;
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t lp = l * s.P + p;
@@ -138,7 +96,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       }
       const acc_t a = static_cast<acc_t>(attn_nqm[lp]);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < kCorners; ++c) {
         if (!t.valid[c]) continue;
         const acc_t coeff = a * t.weight[c];
         const scalar_t* v = value_level + t.offset[c];
@@ -194,6 +152,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t H = shapes[2 * l], W = shapes[2 * l + 1];
+    if (!level_fits(starts[l], H, W, s.S)) continue;  // never read or write outside value
     const int64_t level_offset = head_offset + starts[l] * row_stride;
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t lp = l * s.P + p;
@@ -204,9 +163,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         continue;  // grad_loc / grad_attn were zero-initialised
       }
       const acc_t a = static_cast<acc_t>(attn_nqm[lp]);
-      acc_t dot[4];
+      acc_t dot[kCorners];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < kCorners; ++c) {
         dot[c] = acc_t(0);
         if (!t.valid[c]) continue;
         const acc_t coeff = a * t.weight[c];
@@ -221,18 +180,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
           }
         }
       }
-      const acc_t hh = acc_t(1) - t.lh, hw = acc_t(1) - t.lw;
-      acc_t g_attn = t.weight[0] * dot[0] + t.weight[1] * dot[1] + t.weight[2] * dot[2] +
-                     t.weight[3] * dot[3];
-      acc_t g_w = hh * (dot[1] - dot[0]) + t.lh * (dot[3] - dot[2]);
-      acc_t g_h = hw * (dot[2] - dot[0]) + t.lw * (dot[3] - dot[1]);
-      g_attn = segment_sum(g_attn, mask, lanes);
-      g_w = segment_sum(g_w, mask, lanes);
-      g_h = segment_sum(g_h, mask, lanes);
+      // The gradients are linear in the dot products, so each lane's partial ones add up.
+      const SampleGrads<acc_t> partial = sample_grads(t, dot, a, H, W);
+      const acc_t g_attn = segment_sum(partial.attn, mask, lanes);
+      const acc_t g_x = segment_sum(partial.x, mask, lanes);
+      const acc_t g_y = segment_sum(partial.y, mask, lanes);
       if (lane == 0) {
         grad_attn[nqm * LP + lp] = static_cast<loc_t>(g_attn);
-        grad_loc[(nqm * LP + lp) * 2] = static_cast<loc_t>(a * g_w * static_cast<acc_t>(W));
-        grad_loc[(nqm * LP + lp) * 2 + 1] = static_cast<loc_t>(a * g_h * static_cast<acc_t>(H));
+        grad_loc[(nqm * LP + lp) * 2] = static_cast<loc_t>(g_x);
+        grad_loc[(nqm * LP + lp) * 2 + 1] = static_cast<loc_t>(g_y);
       }
     }
   }
@@ -276,33 +232,15 @@ void with_max_cpl(int cpl, const Fn& fn) {
   }
 }
 
-Sizes get_sizes(const at::Tensor& value, const at::Tensor& sampling_loc) {
-  return Sizes{value.size(0), value.size(1), value.size(2), value.size(3),
-               sampling_loc.size(1), sampling_loc.size(3), sampling_loc.size(4)};
-}
-
-void check_cuda(const at::Tensor& value) {
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn_cuda: expected CUDA tensors, got ",
-              value.device());
-}
-
-}  // namespace
-
-at::Tensor ms_deform_attn_cuda_forward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_loc,
-    const at::Tensor& attn_weight) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  check_cuda(value);
+at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& level_start_index, const at::Tensor& sampling_loc,
+                        const at::Tensor& attn_weight) {
+  const Inputs in = checked_inputs(value, spatial_shapes, level_start_index, sampling_loc,
+                                   attn_weight, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const Sizes s = get_sizes(value, sampling_loc);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_loc.contiguous();
-  const auto attn_c = attn_weight.contiguous();
+  const auto &value_c = in.value, &shapes_c = in.shapes, &starts_c = in.starts;
+  const auto &loc_c = in.loc, &attn_c = in.attn;
   // Every channel is written by exactly one lane (lanes * cpl >= D), so no zero-fill is needed.
   auto output = at::empty({s.N, s.Lq, s.M * s.D}, value.options());
   if (output.numel() == 0) {
@@ -334,23 +272,16 @@ at::Tensor ms_deform_attn_cuda_forward(
   return output;
 }
 
-std::vector<at::Tensor> ms_deform_attn_cuda_backward(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_loc,
-    const at::Tensor& attn_weight,
-    const at::Tensor& grad_output) {
-  check_ms_deform_attn_inputs(value, spatial_shapes, level_start_index, sampling_loc, attn_weight);
-  check_grad_output(grad_output, sampling_loc, value);
-  check_cuda(value);
+Grads backward_cuda(const at::Tensor& grad_output, const at::Tensor& value,
+                    const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                    const at::Tensor& sampling_loc, const at::Tensor& attn_weight) {
+  const Inputs in = checked_inputs(value, spatial_shapes, level_start_index, sampling_loc,
+                                   attn_weight, c10::DeviceType::CUDA);
+  check_grad_output(grad_output, value, sampling_loc);
   const c10::cuda::CUDAGuard device_guard(value.device());
   const Sizes s = get_sizes(value, sampling_loc);
-  const auto value_c = value.contiguous();
-  const auto shapes_c = spatial_shapes.contiguous();
-  const auto starts_c = level_start_index.contiguous();
-  const auto loc_c = sampling_loc.contiguous();
-  const auto attn_c = attn_weight.contiguous();
+  const auto &value_c = in.value, &shapes_c = in.shapes, &starts_c = in.starts;
+  const auto &loc_c = in.loc, &attn_c = in.attn;
   const auto grad_out_c = grad_output.contiguous();
   // grad_value accumulates atomically in the opmath type (fp32 for half / bf16).
   const auto acc_type = at::toOpMathType(value.scalar_type());
@@ -387,6 +318,13 @@ std::vector<at::Tensor> ms_deform_attn_cuda_backward(
   auto grad_value =
       acc_type == value.scalar_type() ? grad_value_acc : grad_value_acc.to(value.scalar_type());
   return {grad_value, grad_loc, grad_attn};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(isda, CUDA, m) {
+  m.impl("ms_deform_attn", &forward_cuda);
+  m.impl("_ms_deform_attn_backward", &backward_cuda);
 }
 
 }  // namespace isda

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ms_deform_attn_func import _autocast_dtype, ms_deform_attn
+from .msda_dispatch import _autocast_dtype, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
