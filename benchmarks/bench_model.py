@@ -1,7 +1,7 @@
 """Whole-model benchmarks: ISDA against Detectron2's Mask R-CNN R50-FPN, on the same machine and run.
 
-    .venv/bin/python benchmarks/bench_model.py inference [--device cpu] [--repeats 5]
-    .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3]
+    .venv/bin/python benchmarks/bench_model.py inference [--device cpu] [--repeats 5] [--dtypes ...]
+    .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3] [--cases ...]
     .venv/bin/python benchmarks/bench_model.py scaling   [--device cpu] [--plot benchmarks/scaling.png]
     .venv/bin/python benchmarks/bench_model.py compiled  [--device cpu] [--repeats 3]
 
@@ -9,14 +9,17 @@ Both models use random weights (nothing can be downloaded here) and the same 800
 Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it returns 100 masks per image
 (with random weights it would otherwise return few and do less mask work).
 
-* inference: the two models alternate, one image at a time, under ``torch.inference_mode``; the table
-  gives the median of --repeats and ISDA's per-stage breakdown (forward hooks; post-processing is the
-  remainder of the total).
+* inference: the models alternate, one image at a time, under ``torch.inference_mode``: ISDA in
+  each of --dtypes (MODEL.ISDA.TEST.DTYPE; same weights) and Mask R-CNN in fp32. The table gives the
+  median of --repeats, the per-stage breakdown (forward hooks; ISDA's post-processing is timed
+  around ``ISDA.inference``, the remainder is input normalisation, padding masks, position
+  encodings and token layout) and the ratios to Mask R-CNN.
 * train: one iteration (forward, backward, AdamW step) at batch 1 with 10 ground-truth instances, with
   the same per-stage breakdown of the forward pass, and the peak memory above the level before the
   step. ``isda (released-code loss)`` recomputes all Q masks of all decoder layers with gradient, as
   the authors' code does; ``isda`` (this project) matches without gradient and recomputes only the
-  matched masks: the losses are identical (checked), the cost is not.
+  matched masks: the losses are identical (checked), the cost is not. ``isda (checkpointing ...)``
+  sets MODEL.ISDA.ACTIVATION_CHECKPOINTING; time and memory ratios are to ``isda``.
 * scaling: ISDA inference time and peak memory against the image's short side and the query count.
 * compiled: ISDA inference with its deformable transformer under ``torch.compile`` (default inductor
   backend) against eager, same model and image; the compile time is reported apart.
@@ -45,14 +48,13 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
+from isda import add_isda_config
+from isda.modeling.criterion import SetCriterion
+from isda.modeling.mask_head import MaskHead
+from isda.solver import build_isda_optimizer
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ms_deform_attn import MMAP_THRESHOLD, describe_machine, peak_memory_mib  # noqa: E402
-
-from isda import add_isda_config  # noqa: E402
-from isda.modeling.criterion import SetCriterion  # noqa: E402
-from isda.modeling.mask_head import dynamic_mask_logits  # noqa: E402
-from isda.solver import build_isda_optimizer  # noqa: E402
+# The sibling script (this folder is on sys.path when a script in it runs).
+from bench_ms_deform_attn import MMAP_THRESHOLD, describe_machine, peak_memory_mib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ISDA_CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "isda_R_50_12ep.yaml")
@@ -67,6 +69,8 @@ ISDA_STAGES = (
     ("decoder", "transformer.decoder"),
     ("mask head", "mask_head"),
 )
+# ISDA.inference: top-k, mask products, upsampling, thresholding, boxes.
+ISDA_INFERENCE_STAGES = ISDA_STAGES + (("post-processing", "inference"),)
 MRCNN_STAGES = (
     ("backbone+FPN", "backbone"),
     ("RPN", "proposal_generator"),
@@ -156,14 +160,34 @@ def _sync(device):
 
 
 class StageTimer:
-    """Forward hooks that sum the wall time spent inside named submodules (or module lists)."""
+    """Sums the wall time spent inside named submodules (or module lists), through forward hooks,
+    and inside named methods of a submodule (e.g. "inference"), through a wrapper."""
 
     def __init__(self, model, stages, device):
         self.totals, self.device, self.handles = defaultdict(float), device, []
+        self.wrapped = []
         for label, path in stages:
-            module = model.get_submodule(path)
-            for m in module if isinstance(module, torch.nn.ModuleList) else [module]:
+            owner, _, name = path.rpartition(".")
+            target = getattr(model.get_submodule(owner), name)
+            if not isinstance(target, torch.nn.Module):
+                self._wrap_method(label, model.get_submodule(owner), name)
+                continue
+            for m in target if isinstance(target, torch.nn.ModuleList) else [target]:
                 self._attach(label, m)
+
+    def _wrap_method(self, label, owner, name):
+        method = getattr(owner, name)
+
+        def timed_method(*args, **kwargs):
+            _sync(self.device)
+            start = time.perf_counter()
+            out = method(*args, **kwargs)
+            _sync(self.device)
+            self.totals[label] += time.perf_counter() - start
+            return out
+
+        setattr(owner, name, timed_method)  # an instance attribute shadows the method
+        self.wrapped.append((owner, name))
 
     def _attach(self, label, module):
         def pre(*_):
@@ -182,6 +206,8 @@ class StageTimer:
     def remove(self):
         for h in self.handles:
             h.remove()
+        for owner, name in self.wrapped:
+            delattr(owner, name)
 
 
 def timed(fn: Callable[[], object], device: str) -> float:
@@ -219,40 +245,50 @@ def print_rows(title, rows, header=("model", "stage", "median ms")):
 # ---------------------------------------------------------------------------------------------
 # inference
 # ---------------------------------------------------------------------------------------------
+def inference_models(device: str, dtypes, hw):
+    """-> {label: (model, stages)}: ISDA in each dtype (same weights), then Mask R-CNN, all calibrated
+    and in eval mode."""
+    x = [make_input(hw, device, with_gt=False)]
+    models, isda_state = {}, None
+    for dtype in dtypes:
+        model, _ = build_isda(device, "MODEL.ISDA.TEST.DTYPE", dtype)
+        if isda_state is None:
+            calibrate_frozen_bn(model, x)
+            isda_state = model.state_dict()
+        model.load_state_dict(isda_state)
+        models[f"ISDA R50 {dtype}"] = (model.eval(), ISDA_INFERENCE_STAGES)
+    mrcnn, _ = build_mask_rcnn(device)
+    calibrate_frozen_bn(mrcnn, x)
+    models["Mask R-CNN R50-FPN float32"] = (mrcnn.eval(), MRCNN_STAGES)
+    return models, x
+
+
 def bench_inference(args):
-    isda, _ = build_isda(args.device)
-    mrcnn, _ = build_mask_rcnn(args.device)
-    x = [make_input(IMAGE_HW, args.device, with_gt=False)]
-    for model in (isda, mrcnn):
-        calibrate_frozen_bn(model, x)
-        model.eval()
-    timers = {
-        "isda": StageTimer(isda, ISDA_STAGES, args.device),
-        "mask r-cnn": StageTimer(mrcnn, MRCNN_STAGES, args.device),
-    }
-    samples = {k: ([], []) for k in timers}
+    models, x = inference_models(args.device, args.dtypes, args.image_size)
+    timers = {name: StageTimer(m, stages, args.device) for name, (m, stages) in models.items()}
+    samples = {name: ([], []) for name in models}
     with torch.inference_mode():
-        detections = {
-            name: len(m(x)[0]["instances"]) for name, m in (("isda", isda), ("mask r-cnn", mrcnn))
-        }
+        detections = {name: len(m(x)[0]["instances"]) for name, (m, _) in models.items()}
         for _ in range(args.repeats):
-            for name, model in (("isda", isda), ("mask r-cnn", mrcnn)):
+            for name, (model, _) in models.items():
                 timers[name].reset()
                 samples[name][0].append(timed(lambda: model(x), args.device))
                 samples[name][1].append(dict(timers[name].totals))
-    rows = stage_rows("ISDA R50", *samples["isda"], ISDA_STAGES, "pre/post-processing")
-    rows += stage_rows(
-        "Mask R-CNN R50-FPN", *samples["mask r-cnn"], MRCNN_STAGES, "pre/post-processing"
-    )
+    rows = []
+    for name, (_, stages) in models.items():
+        rest = "pre-processing + glue" if name.startswith("ISDA") else "pre/post-processing"
+        rows += stage_rows(name, *samples[name], stages, rest)
     print_rows(
-        f"Inference, 1 image {IMAGE_HW[0]}x{IMAGE_HW[1]}, fp32, {args.device}, median of {args.repeats}",
+        f"Inference, 1 image {args.image_size[0]}x{args.image_size[1]}, {args.device}, "
+        f"median of {args.repeats}",
         rows,
     )
-    ratio = _median_ms(samples["isda"][0]) / _median_ms(samples["mask r-cnn"][0])
-    print(
-        f"\nDetections returned: ISDA {detections['isda']}, Mask R-CNN {detections['mask r-cnn']}"
-    )
-    print(f"ISDA / Mask R-CNN time ratio: {ratio:.2f}")
+    print("\n| model | detections | time / Mask R-CNN |\n| --- | ---: | ---: |")
+    reference = _median_ms(samples["Mask R-CNN R50-FPN float32"][0])
+    for name in models:
+        ratio = _median_ms(samples[name][0]) / reference
+        print(f"| {name} | {detections[name]} | {ratio:.2f} |")
+    print(f"\n{describe_machine()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +300,7 @@ class ReleasedCodeCriterion(SetCriterion):
     """
 
     def layer_losses(self, logits, kernels, mfr, targets, num_masks):
-        all_masks = dynamic_mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
+        all_masks = MaskHead.mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
         indices = self.matcher(logits, all_masks.detach(), targets)
         total = all_masks.sum() * 0.0
         for b, (q, g) in enumerate(indices):
@@ -280,17 +316,17 @@ class ReleasedCodeCriterion(SetCriterion):
         }
 
 
-def train_case(model_name: str, device: str):
+def train_case(model_name: str, device: str, hw=IMAGE_HW):
     """-> (model, step function, stages) for one train-step case."""
     if model_name.startswith("isda"):
-        model, cfg = build_isda(device)
+        model, cfg = build_isda(device, *CHECKPOINTING_OPTS.get(model_name, ()))
         if model_name == "isda-released-loss":
             model.criterion.__class__ = ReleasedCodeCriterion
         stages = ISDA_STAGES
     else:
         model, cfg = build_mask_rcnn(device)
         stages = MRCNN_STAGES
-    x = [make_input(IMAGE_HW, device, with_gt=True)]
+    x = [make_input(hw, device, with_gt=True)]
     calibrate_frozen_bn(model, x)
     model.train()
     optimizer = (
@@ -312,17 +348,26 @@ def train_case(model_name: str, device: str):
 
 TRAIN_NAMES = {
     "isda": "ISDA R50",
+    "isda-ckpt-encoder": "ISDA R50 (checkpointing encoder)",
+    "isda-ckpt-all": "ISDA R50 (checkpointing encoder + decoder)",
     "isda-released-loss": "ISDA R50 (released-code loss)",
     "mask-rcnn": "Mask R-CNN R50-FPN",
+}
+CHECKPOINTING_OPTS = {
+    "isda-ckpt-encoder": ("MODEL.ISDA.ACTIVATION_CHECKPOINTING", "encoder"),
+    "isda-ckpt-all": ("MODEL.ISDA.ACTIVATION_CHECKPOINTING", "encoder_decoder"),
 }
 
 
 def bench_train(args):
-    rows, peaks, loss_values = [], {}, {}
-    for name in TRAIN_NAMES:
-        peaks[name] = _child(["train-memory", "--device", args.device, "--case", name])
+    rows, peaks, loss_values, step_ms = [], {}, {}, {}
+    for name in args.cases:
+        size = [str(v) for v in args.image_size]
+        peaks[name] = _child(
+            ["train-memory", "--device", args.device, "--case", name, "--image-size", *size]
+        )
         torch.manual_seed(0)
-        model, step, stages = train_case(name, args.device)
+        model, step, stages = train_case(name, args.device, args.image_size)
         timer = StageTimer(model, stages, args.device)
         torch.manual_seed(0)
         loss_values[name] = step()  # warm-up; the first step's losses are compared below
@@ -331,26 +376,41 @@ def bench_train(args):
             timer.reset()
             totals.append(timed(step, args.device))
             stage_samples.append(dict(timer.totals))
+        step_ms[name] = _median_ms(totals)
         rows += stage_rows(
             TRAIN_NAMES[name], totals, stage_samples, stages, "loss + backward + step"
         )
         del model
     print_rows(
-        f"Training iteration, batch 1, {IMAGE_HW[0]}x{IMAGE_HW[1]}, {NUM_GT} GT, fp32, {args.device}, "
+        f"Training iteration, batch 1, {args.image_size[0]}x{args.image_size[1]}, {NUM_GT} GT, fp32, "
+        f"{args.device}, "
         f"median of {args.repeats}",
         rows,
     )
-    print("\n| model | peak memory above start (MiB) |\n| --- | ---: |")
+    print(
+        "\n| model | peak memory above start (MiB) | memory / ISDA | time / ISDA |"
+        "\n| --- | ---: | ---: | ---: |"
+    )
     for name, peak in peaks.items():
-        print(f"| {TRAIN_NAMES[name]} | {peak:.0f} |")
-    a, b = loss_values["isda"], loss_values["isda-released-loss"]
-    diff = max(abs(a[k] - b[k]) for k in a)
-    print(f"\nISDA losses, this project vs released-code path: max abs difference {diff:.2e}")
+        ratios = (
+            f"{peak / peaks['isda']:.2f} | {step_ms[name] / step_ms['isda']:.2f}"
+            if "isda" in peaks
+            else "- | -"
+        )
+        print(f"| {TRAIN_NAMES[name]} | {peak:.0f} | {ratios} |")
+    for name in loss_values:
+        if name.startswith("isda") and name != "isda" and "isda" in loss_values:
+            a, b = loss_values["isda"], loss_values[name]
+            diff = max(abs(a[k] - b[k]) for k in a)
+            print(
+                f"First-step losses, {TRAIN_NAMES[name]} vs ISDA R50: max abs difference {diff:.2e}"
+            )
+    print(f"\n{describe_machine()}")
 
 
 def _train_memory(args):
     torch.manual_seed(0)
-    _, step, _ = train_case(args.case, args.device)
+    _, step, _ = train_case(args.case, args.device, args.image_size)
     step()  # allocate optimizer state and caches first
     print(json.dumps(peak_memory_mib(step, args.device)))
 
@@ -493,6 +553,20 @@ def _child(argv: List[str]):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def cpu_bf16_support() -> str:
+    """The CPU's vector ISA as PyTorch dispatches it, and whether it computes bf16 natively."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        flags = []
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"CPU ISA {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+        f"{', '.join(native) if native else 'none (bf16 is emulated through fp32)'}"
+    )
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -501,19 +575,41 @@ def parse_args(argv=None):
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=list(IMAGE_HW),
+        metavar=("H", "W"),
+        help="inference and train: input size (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
+        help="inference: ISDA's MODEL.ISDA.TEST.DTYPE values (float16 on CUDA only)",
+    )
+    p.add_argument(
+        "--cases", nargs="+", default=list(TRAIN_NAMES), choices=list(TRAIN_NAMES), help="train"
+    )
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 800, 1024, 1333])
     p.add_argument("--queries-list", type=int, nargs="+", default=[100, 300, 900])
     p.add_argument("--plot", default=None, help="scaling: write a PNG plot here")
     p.add_argument("--case", choices=list(TRAIN_NAMES), help=argparse.SUPPRESS)
     p.add_argument("--short", type=int, help=argparse.SUPPRESS)
     p.add_argument("--queries", type=int, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.image_size) < 256:  # the ground-truth rectangles are up to 200 pixels wide
+        p.error(f"--image-size {args.image_size}: both sides must be >= 256")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.mode in ("inference", "train", "scaling", "compiled"):
         print(describe_machine())
+        print(cpu_bf16_support())
     {
         "inference": bench_inference,
         "train": bench_train,

@@ -9,10 +9,12 @@ from detectron2.config import CfgNode as CN
 
 from .layers.msda_dispatch import IMPLS as MSDA_IMPLS
 from .modeling.criterion import GT_DOWNSAMPLE_MODES, MASK_LOSSES
+from .modeling.deformable_transformer import CHECKPOINT_MODES as ACTIVATION_CHECKPOINTING_MODES
 from .modeling.mask_feature_head import COORD_MODES as MFR_COORD_MODES
 from .modeling.mask_feature_head import STRIDES as MFR_STRIDES
 from .modeling.mask_feature_head import fusion_stride
 from .modeling.mask_head import REF_ENCODINGS as KERNEL_REF_ENCODINGS
+from .modeling.meta_arch import TEST_DTYPES
 from .modeling.neck import LEVEL_STRIDES as NECK_LEVELS
 
 # Deepest encoder/decoder that is built and trained in tests (tests/test_reliability_inference.py).
@@ -42,6 +44,9 @@ def add_isda_config(cfg):
     m.TWO_STAGE = False  # Deformable-DETR two-stage proposals: needs a box branch; must stay False
     m.MSDA_IMPL = ""  # deformable-attention op: "" automatic, or "reference" / "cpu" / "cuda"
     m.CHANNELS_LAST = True  # convolutions in channels-last memory (faster oneDNN/cuDNN kernels)
+    m.ACTIVATION_CHECKPOINTING = (
+        "none"  # recompute in backward: "none", "encoder", "encoder_decoder"
+    )
 
     m.MFR_STRIDE = 4  # stride of the mask feature representation F (paper Table 1: 8, 4, 2)
     m.MFR_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # neck levels fused into F
@@ -70,6 +75,7 @@ def add_isda_config(cfg):
     m.TEST.MASK_THRESHOLD = 0.5  # binarisation threshold of mask probabilities
     m.TEST.MASKNESS = True  # rescore by the mean probability inside the binary mask (SOLOv2)
     m.TEST.SCORE_THRESHOLD = 0.0  # drop detections scoring below this (0 keeps all for COCO AP)
+    m.TEST.DTYPE = "float32"  # inference autocast: "float32" (off), "bfloat16", "float16" (CUDA)
 
     # Training augmentation (DETR recipe, the released config's train_pipeline): with probability
     # 1/2 the image is first resized (short side from CROP_PRE_RESIZE) and cropped (INPUT.CROP),
@@ -99,6 +105,7 @@ def validate_isda_config(cfg):
         ("MASK_LOSS", MASK_LOSSES),
         ("GT_DOWNSAMPLE", GT_DOWNSAMPLE_MODES),
         ("MSDA_IMPL", ("", *MSDA_IMPLS)),
+        ("ACTIVATION_CHECKPOINTING", ACTIVATION_CHECKPOINTING_MODES),
     ):
         check(m.get(key) in allowed, f"MODEL.ISDA.{key}={m.get(key)!r} must be one of {allowed}")
     check(
@@ -163,9 +170,20 @@ def validate_isda_config(cfg):
         not (cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu"),
         "SOLVER.AMP.ENABLED=True needs MODEL.DEVICE cuda (Detectron2's AMPTrainer is CUDA-only)",
     )
+    _validate_test_dtype(cfg, check)
     _validate_depth_and_mfr(m, check)
     _validate_losses(m, check)
     _validate_input_and_solver(cfg, check)
+
+
+def _validate_test_dtype(cfg, check) -> None:
+    dtype = cfg.MODEL.ISDA.TEST.DTYPE
+    check(dtype in TEST_DTYPES, f"MODEL.ISDA.TEST.DTYPE={dtype!r} must be one of {TEST_DTYPES}")
+    check(
+        not (dtype == "float16" and not str(cfg.MODEL.DEVICE).startswith("cuda")),
+        f"MODEL.ISDA.TEST.DTYPE='float16' needs MODEL.DEVICE cuda (got {cfg.MODEL.DEVICE!r}): "
+        "CPUs have no fast float16 kernels; use 'bfloat16'",
+    )
 
 
 def _validate_depth_and_mfr(m, check) -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .msda_dispatch import ms_deform_attn
+from .msda_dispatch import _autocast_dtype, ms_deform_attn
 
 
 class MSDeformAttn(nn.Module):
@@ -67,6 +67,19 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
+    def _offsets_and_weights(self, query: torch.Tensor):
+        """query (N, Lq, C) -> offsets (N, Lq, M, L, P, 2) in pixels, weights (N, Lq, M, L, P), both
+        fp32 even under autocast: a bf16 offset is off by up to 1/256 of its size, which moves a
+        sampling location by a sizeable part of a pixel on the large levels."""
+        N, Lq, _ = query.shape
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        if _autocast_dtype(query.device.type) is not None:
+            with torch.autocast(query.device.type, enabled=False):
+                return self._offsets_and_weights(query.float())
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1)
+        return offsets, weights.view(N, Lq, M, L, P)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -92,9 +105,7 @@ class MSDeformAttn(nn.Module):
         if value_padding_mask is not None:
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(N, -1, M, self.d_model // M)  # (N, S, M, D)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1)
-        weights = weights.view(N, Lq, M, L, P)
+        offsets, weights = self._offsets_and_weights(query)
         # Offsets are in pixels of each level: normalise by (W_l, H_l).
         normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
         locations = (

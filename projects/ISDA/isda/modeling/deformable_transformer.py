@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers.wrappers import shapes_to_tensor
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers import MSDeformAttn
+
+# Which layers recompute their forward in the backward instead of storing activations.
+CHECKPOINT_MODES = ("none", "encoder", "encoder_decoder")
 
 
 class FFN(nn.Module):
@@ -149,6 +153,9 @@ class DeformableTransformer(nn.Module):
         pos: L sine encodings (B, C, H_l, W_l); query_embed: (Q, 2C) = [query_pos | target].
     Returns:
         hs: (num_decoder_layers, B, Q, C); reference_points: (B, Q, 2) in [0, 1] as (x, y).
+
+    ``checkpointing``: "none", "encoder" or "encoder_decoder": the layers that keep only their inputs
+    in training and recompute the rest in the backward (same values, less memory, more time).
     """
 
     def __init__(
@@ -163,8 +170,16 @@ class DeformableTransformer(nn.Module):
         enc_points: int = 4,
         dec_points: int = 4,
         impl: Optional[str] = None,
+        checkpointing: str = "none",
     ):
         super().__init__()
+        if checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(
+                f"DeformableTransformer: checkpointing={checkpointing!r} must be one of "
+                f"{CHECKPOINT_MODES}"
+            )
+        self.checkpoint_encoder = checkpointing != "none"
+        self.checkpoint_decoder = checkpointing == "encoder_decoder"
         self.encoder = nn.ModuleList(
             [
                 EncoderLayer(dim, ffn_dim, dropout, n_levels, nheads, enc_points, impl)
@@ -194,6 +209,15 @@ class DeformableTransformer(nn.Module):
         nn.init.constant_(self.reference_points.bias, 0.0)
         nn.init.normal_(self.level_embed)
 
+    def _run_layer(self, layer: nn.Module, recompute: bool, *args) -> torch.Tensor:
+        """``layer(*args)``; with ``recompute`` (and gradients on) the layer keeps only its inputs for
+        the backward and runs again there, trading one more forward for its activations (the
+        encoder's 20k-token FFN and attention tensors). Non-reentrant checkpointing replays the
+        dropout masks and the autocast state, and works with DDP's gradient hooks."""
+        if recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
     def encode(self, feats, masks, pos):
         """-> memory (B, S, C), padding (B, S) or None when nothing is padded, spatial_shapes (L, 2),
         level_start (L,), ratios (B, L, 2)"""
@@ -204,7 +228,9 @@ class DeformableTransformer(nn.Module):
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         refs = encoder_reference_points([m.shape[-2:] for m in masks], ratios)
         for layer in self.encoder:
-            src = layer(src, pos_tokens, refs, shapes, level_start, padding)
+            src = self._run_layer(
+                layer, self.checkpoint_encoder, src, pos_tokens, refs, shapes, level_start, padding
+            )
         return src, padding, shapes, level_start, ratios
 
     def decode(self, memory, padding, shapes, level_start, ratios, query_embed):
@@ -216,7 +242,17 @@ class DeformableTransformer(nn.Module):
         refs = reference_points[:, :, None] * ratios[:, None]  # (B, Q, L, 2)
         states = []
         for layer in self.decoder:
-            tgt = layer(tgt, query_pos, refs, memory, shapes, level_start, padding)
+            tgt = self._run_layer(
+                layer,
+                self.checkpoint_decoder,
+                tgt,
+                query_pos,
+                refs,
+                memory,
+                shapes,
+                level_start,
+                padding,
+            )
             states.append(tgt)
         return torch.stack(states), reference_points
 

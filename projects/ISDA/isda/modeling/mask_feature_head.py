@@ -114,13 +114,21 @@ class MaskFeatureHead(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        fused = None
+        # Bilinear upsampling is linear, so the branches that end in one are summed first and
+        # upsampled once (one resize of 128 channels to the fusion stride instead of three).
+        fused, coarse = None, None
         for i, (name, branch) in enumerate(zip(self.in_features, self.branches)):
             x = features[name]
             if i == len(self.branches) - 1 and self.coord == "p5_input":
                 x = torch.cat([x, coord_channels(x)], 1)
-            y = branch(x)
-            fused = y if fused is None else fused + y
+            if isinstance(branch[-1], _Up2):
+                y = branch[:-1](x)
+                coarse = y if coarse is None else coarse + y
+            else:
+                y = branch(x)
+                fused = y if fused is None else fused + y
+        if coarse is not None:
+            fused = fused + _Up2()(coarse)
         if self.refine is not None:
             fused = self.refine(fused)
         out = self.conv_pred(fused)

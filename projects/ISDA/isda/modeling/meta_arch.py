@@ -3,6 +3,7 @@ mask head -> masks. Training returns the set losses; inference returns Detectron
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -24,6 +25,8 @@ from .position_encoding import SinePositionalEncoding
 from .postprocess import instances_from_query_outputs
 
 TRANSFORMER_LEVELS = ("p3", "p4", "p5", "p6")
+# Inference autocast dtypes (float16 only on CUDA: CPUs have no fast float16 kernels).
+TEST_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @META_ARCH_REGISTRY.register()
@@ -60,6 +63,7 @@ class ISDA(nn.Module):
         test_maskness: bool,
         test_score_threshold: float,
         channels_last: bool,
+        test_dtype: str,
     ):
         super().__init__()
         self.backbone, self.neck, self.transformer = backbone, neck, transformer
@@ -77,6 +81,7 @@ class ISDA(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.test_max_per_image, self.test_mask_threshold = test_max_per_image, test_mask_threshold
         self.test_maskness, self.test_score_threshold = test_maskness, test_score_threshold
+        self.test_dtype = getattr(torch, test_dtype)
         # Channels-last lets oneDNN (CPU) and cuDNN pick faster convolution kernels; the
         # transformer reads the maps as (B, HW, C) tokens, which is then a free view.
         self.channels_last = channels_last
@@ -108,6 +113,7 @@ class ISDA(nn.Module):
             enc_points=m.ENC_N_POINTS,
             dec_points=m.DEC_N_POINTS,
             impl=m.MSDA_IMPL or None,
+            checkpointing=m.ACTIVATION_CHECKPOINTING,
         )
         mfr_head = MaskFeatureHead(
             neck.output_shape(),
@@ -157,6 +163,7 @@ class ISDA(nn.Module):
             "test_maskness": m.TEST.MASKNESS,
             "test_score_threshold": m.TEST.SCORE_THRESHOLD,
             "channels_last": m.CHANNELS_LAST,
+            "test_dtype": m.TEST.DTYPE,
         }
 
     @property
@@ -172,11 +179,23 @@ class ISDA(nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2 format in; losses (training) or ``[{"instances": Instances}]`` (inference) out."""
         images = self.preprocess_image(batched_inputs)
-        logits, kernels, mfr = self.predict(images)
         if self.training:
+            logits, kernels, mfr = self.predict(images)
             targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
             return self.criterion(logits, kernels, mfr, targets)
-        return self.inference(logits[-1], kernels[-1], mfr, images, batched_inputs)
+        with self._inference_autocast():
+            logits, kernels, mfr = self.predict(images)
+        # Top-k, the masks and their threshold in fp32, whatever TEST.DTYPE computed the network in.
+        return self.inference(
+            logits[-1].float(), kernels[-1].float(), mfr.float(), images, batched_inputs
+        )
+
+    def _inference_autocast(self):
+        """MODEL.ISDA.TEST.DTYPE: the network's forward in bf16/fp16 autocast, or nothing for fp32.
+        Inside, the deformable attention keeps its sampling locations and weights in fp32."""
+        if self.test_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.test_dtype)
 
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [
