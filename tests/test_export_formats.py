@@ -100,29 +100,28 @@ def export_command(weights, fmt, output, *extra):
     return subprocess.run(cmd + ["MODEL.WEIGHTS", weights], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def onnx_export(weights, sample_images, tmp_path_factory):
-    output = tmp_path_factory.mktemp("onnx")
-    images = [arg for path in sample_images for arg in ("--sample-image", path)]
-    proc = export_command(weights, "onnx", output, "--dynamic", *images)
+def exported(weights, tmp_path_factory, fmt, *extra):
+    """The folder where the export command wrote a verified artifact of ``fmt``."""
+    output = tmp_path_factory.mktemp(fmt)
+    proc = export_command(weights, fmt, output, *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return output
+
+
+@pytest.fixture(scope="module")
+def onnx_export(weights, sample_images, tmp_path_factory):
+    images = [arg for path in sample_images for arg in ("--sample-image", path)]
+    return exported(weights, tmp_path_factory, "onnx", "--dynamic", *images)
 
 
 @pytest.fixture(scope="module")
 def torchscript_export(weights, tmp_path_factory):
-    output = tmp_path_factory.mktemp("torchscript")
-    proc = export_command(weights, "torchscript", output)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return output
+    return exported(weights, tmp_path_factory, "torchscript")
 
 
 @pytest.fixture(scope="module")
 def torch_export_static(weights, tmp_path_factory):
-    output = tmp_path_factory.mktemp("torch_export")
-    proc = export_command(weights, "torch_export", output)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return output
+    return exported(weights, tmp_path_factory, "torch_export")
 
 
 def _run_elsewhere(script, artifact, module, tmp_path, sizes=RUN_SIZES, batch=2, prefix=()):
@@ -193,6 +192,7 @@ def test_torchscript_artifact_calls_the_native_operator(torchscript_export):
     assert [c["name"] for c in checks] == ["128x160", "160x128", "96x128"]
     assert NATIVE_OP in sidecar["op_implementation"]
     assert sidecar["op_library"]["file"] == Path(op_library_path()).name
+    torch.ops.load_library(op_library_path())  # as a deployment does, before loading
     graph = torch.jit.load(str(torchscript_export / "model.ts")).inlined_graph
     assert NATIVE_OP in str(graph) and "grid_sampler" not in str(graph)
 
