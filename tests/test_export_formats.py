@@ -1,6 +1,7 @@
-"""Exported artifacts (ONNX, TorchScript) run in processes without the project, at sizes other than
-the export size, and match eager; the export command verifies, and fails on a tampered artifact; the
-deployment example runs on a folder of images with a corrupt one among them."""
+"""Exported artifacts (ONNX, TorchScript, torch.export) run in processes without the project (only
+onnxruntime, or only torch and the op library), at sizes other than the export size, and match eager;
+the export command verifies, and fails on a tampered artifact; the deployment example runs on a
+folder of images with a corrupt one among them."""
 
 import glob
 import json
@@ -19,9 +20,11 @@ from detectron2.modeling import build_model
 from onnx import numpy_helper
 
 from isda.export import ISDAExportModule
-from isda.export.formats import FORMATS
+from isda.export.attention_impl import NATIVE_OP
+from isda.export.formats import FORMATS, dynamic_export_refusal
 from isda.export.inputs import make_batch
 from isda.export.verify import compare_detections, eager_outputs
+from isda.layers import op_library_path
 
 EXPORT_SIZE = (128, 160)
 RUN_SIZES = [(160, 128), (96, 128), (192, 256)]
@@ -40,13 +43,20 @@ for name in data.files:
             out[f"{key}_{i}"] = o
 np.savez(sys.argv[3], **out)
 """
+# argv: op library, "jit" or "export", artifact, inputs.npz, outputs.npz
 TORCH_RUNNER = """
 import sys
 for m in ('detectron2', 'isda'):
     sys.modules[m] = None
 import numpy as np, torch
-program = torch.jit.load(sys.argv[1])
-data = np.load(sys.argv[2])
+library, kind, artifact = sys.argv[1:4]
+sys.argv = sys.argv[3:]
+torch.ops.load_library(library)
+if kind == "jit":
+    program = torch.jit.load(artifact)
+else:
+    program = torch.export.load(artifact).module()
+data = np.load(sys.argv[1])
 out = {}
 for name in data.files:
     if name.endswith("_images"):
@@ -55,7 +65,7 @@ for name in data.files:
             res = program(torch.from_numpy(data[name]), torch.from_numpy(data[key + "_sizes"]))
         for i, o in enumerate(res):
             out[f"{key}_{i}"] = o.numpy()
-np.savez(sys.argv[3], **out)
+np.savez(sys.argv[2], **out)
 """
 
 
@@ -90,18 +100,34 @@ def export_command(weights, fmt, output, *extra):
     return subprocess.run(cmd + ["MODEL.WEIGHTS", weights], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def onnx_export(weights, sample_images, tmp_path_factory):
-    output = tmp_path_factory.mktemp("onnx")
-    images = [arg for path in sample_images for arg in ("--sample-image", path)]
-    proc = export_command(weights, "onnx", output, "--dynamic", *images)
+def exported(weights, tmp_path_factory, fmt, *extra):
+    """The folder where the export command wrote a verified artifact of ``fmt``."""
+    output = tmp_path_factory.mktemp(fmt)
+    proc = export_command(weights, fmt, output, *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return output
 
 
-def _run_elsewhere(script, artifact, module, tmp_path):
-    """Runs ``artifact`` in a child process on padded batches at RUN_SIZES; compares with eager."""
-    batches = {f"s{h}x{w}": make_batch(module.model, (h, w), [], 2) for h, w in RUN_SIZES}
+@pytest.fixture(scope="module")
+def onnx_export(weights, sample_images, tmp_path_factory):
+    images = [arg for path in sample_images for arg in ("--sample-image", path)]
+    return exported(weights, tmp_path_factory, "onnx", "--dynamic", *images)
+
+
+@pytest.fixture(scope="module")
+def torchscript_export(weights, tmp_path_factory):
+    return exported(weights, tmp_path_factory, "torchscript")
+
+
+@pytest.fixture(scope="module")
+def torch_export_static(weights, tmp_path_factory):
+    return exported(weights, tmp_path_factory, "torch_export")
+
+
+def _run_elsewhere(script, artifact, module, tmp_path, sizes=RUN_SIZES, batch=2, prefix=()):
+    """Runs ``artifact`` in a child process (``script`` with ``prefix`` arguments first) on padded
+    batches at ``sizes``; compares with eager."""
+    batches = {f"s{h}x{w}": make_batch(module.model, (h, w), [], batch) for h, w in sizes}
     inputs = {}
     for key, (images, sizes) in batches.items():
         inputs[key + "_images"], inputs[key + "_sizes"] = images, sizes
@@ -111,6 +137,7 @@ def _run_elsewhere(script, artifact, module, tmp_path):
             sys.executable,
             "-c",
             script,
+            *prefix,
             str(artifact),
             str(tmp_path / "inputs.npz"),
             str(tmp_path / "out.npz"),
@@ -158,11 +185,51 @@ def test_command_fails_on_a_tampered_artifact(onnx_export, weights, tmp_path):
     assert not json.loads((tmp_path / "model.onnx.json").read_text())["verification"]["passed"]
 
 
-def test_torchscript_model_runs_with_torch_alone_at_other_sizes(module, tmp_path):
-    fmt = FORMATS["torchscript"]
-    inputs = [torch.from_numpy(a) for a in make_batch(module.model, EXPORT_SIZE, [], 1)]
-    fmt.export(module, inputs, str(tmp_path / fmt.filename), False)
-    _run_elsewhere(TORCH_RUNNER, tmp_path / fmt.filename, module, tmp_path)
+def test_torchscript_artifact_calls_the_native_operator(torchscript_export):
+    sidecar = json.loads((torchscript_export / "model.ts.json").read_text())
+    assert sidecar["verification"]["passed"]
+    checks = sidecar["verification"]["checks"]
+    assert [c["name"] for c in checks] == ["128x160", "160x128", "96x128"]
+    assert NATIVE_OP in sidecar["op_implementation"]
+    assert sidecar["op_library"]["file"] == Path(op_library_path()).name
+    torch.ops.load_library(op_library_path())  # as a deployment does, before loading
+    graph = torch.jit.load(str(torchscript_export / "model.ts")).inlined_graph
+    assert NATIVE_OP in str(graph) and "grid_sampler" not in str(graph)
+
+
+def test_torchscript_artifact_runs_with_torch_and_the_op_library_at_other_sizes(
+    torchscript_export, module, tmp_path
+):
+    prefix = (op_library_path(), "jit")
+    _run_elsewhere(TORCH_RUNNER, torchscript_export / "model.ts", module, tmp_path, prefix=prefix)
+
+
+def test_torch_export_program_runs_with_torch_and_the_op_library(
+    torch_export_static, module, tmp_path
+):
+    sidecar = json.loads((torch_export_static / "model.pt2.json").read_text())
+    assert sidecar["verification"]["passed"] and NATIVE_OP in sidecar["op_implementation"]
+    artifact = torch_export_static / "model.pt2"
+    prefix = (op_library_path(), "export")
+    _run_elsewhere(TORCH_RUNNER, artifact, module, tmp_path, [EXPORT_SIZE], 1, prefix)
+    # A program exported without --dynamic is for its export size only: it refuses another size.
+    run = FORMATS["torch_export"].load(str(artifact))
+    with pytest.raises(Exception):
+        run(*make_batch(module.model, RUN_SIZES[0], [], 1))
+
+
+def test_torch_export_at_symbolic_sizes_is_right_at_other_sizes_or_refused(
+    weights, module, tmp_path
+):
+    proc = export_command(weights, "torch_export", tmp_path, "--dynamic")
+    refusal = dynamic_export_refusal()
+    if refusal:  # torch 2.3: refused up front, no artifact that could be wrong at other sizes
+        assert proc.returncode != 0 and "cannot export ISDA with symbolic" in proc.stderr
+        assert not (tmp_path / "model.pt2").exists()
+        return
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prefix = (op_library_path(), "export")
+    _run_elsewhere(TORCH_RUNNER, tmp_path / "model.pt2", module, tmp_path, prefix=prefix)
 
 
 def test_deploy_example_names_and_skips_a_corrupt_image(onnx_export, sample_images, tmp_path):

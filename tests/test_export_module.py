@@ -7,7 +7,7 @@ from conftest import tiny_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.export import TracingAdapter
 
-from isda.export import ISDAExportModule, normalised_batch, traceable_attention
+from isda.export import ISDAExportModule, normalised_batch
 from isda.export.verify import compare_detections
 
 
@@ -54,7 +54,7 @@ def test_tracing_adapter_graph_is_right_at_other_sizes(predictor):
     module = ISDAExportModule(model)
     inputs = normalised_batch(model, [torch.rand(3, 128, 160) * 255])
     adapter = TracingAdapter(module, inputs)
-    with torch.no_grad(), traceable_attention():
+    with torch.no_grad():  # traced on the native operator, size-generic
         traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
     for h, w in [(160, 128), (96, 128), (192, 256)]:
         images = [torch.rand(3, h, w) * 255, torch.rand(3, h - 32, w - 32) * 255]

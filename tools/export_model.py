@@ -30,7 +30,7 @@ from detectron2.modeling import build_model
 import isda.data  # noqa: F401  (registers the synthetic datasets' metadata)
 from isda import add_isda_config
 from isda.export import ISDAExportModule
-from isda.export.formats import FORMATS
+from isda.export.formats import FORMATS, dynamic_export_refusal
 from isda.export.inputs import load_images, make_batch
 from isda.export.sidecar import describe
 from isda.export.verify import verification_sizes, verify
@@ -103,6 +103,10 @@ def class_names(cfg):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    if args.format == "torch_export" and args.dynamic and not args.verify_only:
+        refusal = dynamic_export_refusal()
+        if refusal:
+            raise SystemExit(f"--format torch_export --dynamic: {refusal}")
     cfg = setup_cfg(args)
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)

@@ -1,7 +1,7 @@
 """Deployment: ISDA as a graph of plain tensors (TorchScript, ONNX, torch.export), verified
 against eager PyTorch at several input sizes."""
 
-from .attention import ms_deform_attn_traceable, traceable_attention
+from .attention_impl import attention_impl
 from .detections import detections_from_query_outputs
 from .module import INPUT_NAMES, OUTPUT_NAMES, ISDAExportModule, normalised_batch
 
@@ -9,8 +9,7 @@ __all__ = [
     "ISDAExportModule",
     "INPUT_NAMES",
     "OUTPUT_NAMES",
+    "attention_impl",
     "detections_from_query_outputs",
-    "ms_deform_attn_traceable",
     "normalised_batch",
-    "traceable_attention",
 ]

@@ -17,10 +17,12 @@ from ..modeling.mask_head import MaskHead
 from ..modeling.postprocess import mask_boxes, maskness, select_topk
 
 
-def valid_region(image_sizes: torch.Tensor, H, W) -> torch.Tensor:
-    """image_sizes (B, 2) int64 (h, w) -> (B, 1, H, W) bool, True inside each image."""
-    rows = torch.arange(H, device=image_sizes.device)[None, None, :, None]
-    cols = torch.arange(W, device=image_sizes.device)[None, None, None, :]
+def valid_region(image_sizes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """image_sizes (B, 2) int64 (h, w), like (B, k, H, W) -> (B, 1, H, W) bool, True inside each
+    image. The pixel indices are counted over ``like`` itself (not ``arange`` of its size), so
+    an ONNX graph cannot fold its size into a constant of the export size."""
+    ones = torch.ones_like(like[:1, :1], dtype=torch.int64)  # (1, 1, H, W)
+    rows, cols = ones.cumsum(-2) - 1, ones.cumsum(-1) - 1
     h, w = image_sizes[:, 0, None, None, None], image_sizes[:, 1, None, None, None]
     return (rows < h) & (cols < w)
 
@@ -51,5 +53,5 @@ def detections_from_query_outputs(
     if use_maskness:
         scores = scores * maskness(probs, mask_threshold)
     up = F.interpolate(probs, scale_factor=stride, mode="bilinear", align_corners=False)
-    masks = (up > mask_threshold) & valid_region(image_sizes, up.shape[-2], up.shape[-1])
+    masks = (up > mask_threshold) & valid_region(image_sizes, up)
     return scores, classes, masks, mask_boxes(masks)

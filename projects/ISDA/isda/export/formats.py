@@ -2,24 +2,28 @@
 
 * ``onnx``: opset 17; deformable attention as ``GridSample`` and friends, so stock onnxruntime runs
   it with no custom operator.
-* ``torchscript``: ``torch.jit.trace``; deformable attention in the same standard operators, so
-  ``torch.jit.load`` needs nothing beyond torch.
-* ``torch_export``: ``torch.export``; needs the deformable attention as a registered operator
-  (``torch.ops.isda.ms_deform_attn``), and the op library at load time.
+* ``torchscript``: ``torch.jit.trace``; deformable attention as the registered operator
+  ``torch.ops.isda.ms_deform_attn``, so loading needs the op library. The model takes every size
+  from its input tensors, so the trace is right at every input size.
+* ``torch_export``: ``torch.export``, on the same operator; ``--dynamic`` makes batch, height and
+  width symbolic (height and width as multiples of 32).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .attention import traceable_attention
+from .attention_impl import NATIVE_OP, attention_impl, native_impl
 from .module import INPUT_NAMES, OUTPUT_NAMES, ISDAExportModule
 
 ONNX_OPSET = 17
+# Bounds of the torch.export symbolic sizes: height and width are 2..MAX_SIDE multiples of the
+# model's size divisibility (a size of one multiple would be specialised by torch.export).
+MAX_BATCH, MAX_SIDE = 64, 8192
 # Names of the symbolic axes (ONNX dynamic axes).
 _AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
 _OUT_AXES = {"masks": {0: "batch", 2: "height", 3: "width"}}
@@ -35,11 +39,12 @@ class ArtifactFormat:
     export: Callable[[ISDAExportModule, Sequence[torch.Tensor], str, bool], None]
     load: Callable[[str], Runner]
     runtime: str  # what a deployment needs to run the artifact
+    needs_op_library: bool  # whether the artifact calls the native operator of isda._C
 
 
 def _export_onnx(module, inputs, path, dynamic):
     axes = {**_AXES, **{n: {0: "batch"} for n in OUTPUT_NAMES}, **_OUT_AXES}
-    with torch.no_grad(), traceable_attention():
+    with torch.no_grad(), attention_impl(module, "reference"):
         torch.onnx.export(
             module,
             tuple(inputs),
@@ -65,8 +70,10 @@ def _load_onnx(path) -> Runner:
 def _export_torchscript(module, inputs, path, dynamic):
     # A traced graph takes every size from its inputs (the model is written for that), so it is
     # size-generic whether or not --dynamic is given.
-    with torch.no_grad(), traceable_attention():
+    with torch.no_grad(), attention_impl(module, native_impl(inputs[0].device)):
         traced = torch.jit.trace(module, tuple(inputs), check_trace=False)
+    if NATIVE_OP not in str(traced.inlined_graph):
+        raise RuntimeError(f"the traced graph does not call {NATIVE_OP}; nothing was written")
     traced.save(path)
 
 
@@ -80,40 +87,47 @@ def _torch_runner(program) -> Runner:
 
 
 def _load_torchscript(path) -> Runner:
+    native_impl(torch.device("cpu"))  # loads the op library the graph calls
     return _torch_runner(torch.jit.load(path, map_location="cpu"))
 
 
-def registered_op_available() -> bool:
-    """Whether ``torch.ops.isda.ms_deform_attn`` exists (the op library registers it on load)."""
-    from ..layers import msda_native
-
-    msda_native.load_extension()
-    try:
-        torch.ops.isda.ms_deform_attn
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+def dynamic_export_refusal() -> Optional[str]:
+    """Why ``torch.export`` cannot export ISDA at symbolic sizes with this torch, or None."""
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        return (
+            f"torch {torch.__version__} cannot export ISDA with symbolic height and width: its "
+            "torch.export checks derived dimensions such as 32 * Dim only after tracing, so the "
+            "strided convolutions' size arithmetic (e.g. (H - 1) // 8 + 1) is traced without "
+            "knowing that H is a multiple of 32 and cannot be proven for all sizes. Export "
+            "without --dynamic (a program for the export size only, rejecting other sizes), or "
+            "use --format torchscript (the same native operator, right at every size)"
+        )
+    return None
 
 
 def _export_torch_export(module, inputs, path, dynamic):
-    if not registered_op_available():
-        raise RuntimeError(
-            "--format torch_export needs the deformable attention as the registered operator "
-            "torch.ops.isda.ms_deform_attn, which this build of isda._C does not provide; "
-            "use --format torchscript or --format onnx"
-        )
     shapes = None
     if dynamic:
-        batch = torch.export.Dim("batch")
-        height, width = torch.export.Dim("height"), torch.export.Dim("width")
-        shapes = {"images": {0: batch, 2: height, 3: width}, "image_sizes": {0: batch}}
-    with torch.no_grad():
+        refusal = dynamic_export_refusal()
+        if refusal:
+            raise RuntimeError(refusal)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        # The graph's size arithmetic (strided convolutions, x2 upsamplings) holds for multiples
+        # of size_divisibility only: H = d * h, W = d * w.
+        d = module.model.size_divisibility
+        h = torch.export.Dim("h", min=2, max=MAX_SIDE // d)
+        w = torch.export.Dim("w", min=2, max=MAX_SIDE // d)
+        shapes = {
+            "images": {0: batch, 2: d * h, 3: d * w},
+            "image_sizes": {0: batch},
+        }
+    with torch.no_grad(), attention_impl(module, native_impl(inputs[0].device)):
         program = torch.export.export(module, tuple(inputs), dynamic_shapes=shapes)
     torch.export.save(program, path)
 
 
 def _load_torch_export(path) -> Runner:
-    registered_op_available()  # loads the op library so the program's operator resolves
+    native_impl(torch.device("cpu"))  # loads the op library the program calls
     return _torch_runner(torch.export.load(path).module())
 
 
@@ -127,22 +141,27 @@ FORMATS: Dict[str, ArtifactFormat] = {
             _export_onnx,
             _load_onnx,
             "onnxruntime (no torch, no custom operator)",
+            False,
         ),
         ArtifactFormat(
             "torchscript",
             "model.ts",
-            "standard PyTorch operators (grid_sample)",
+            f"registered operator {NATIVE_OP} (native kernel)",
             _export_torchscript,
             _load_torchscript,
-            "torch (torch.jit.load)",
+            "torch and the op library: torch.ops.load_library(<op library>), then "
+            "torch.jit.load",
+            True,
         ),
         ArtifactFormat(
             "torch_export",
             "model.pt2",
-            "registered operator torch.ops.isda.ms_deform_attn (native kernel)",
+            f"registered operator {NATIVE_OP} (native kernel)",
             _export_torch_export,
             _load_torch_export,
-            "torch and the op library: torch.ops.load_library(<path of isda/_C*.so>)",
+            "torch and the op library: torch.ops.load_library(<op library>), then "
+            "torch.export.load",
+            True,
         ),
     )
 }

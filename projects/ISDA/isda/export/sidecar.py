@@ -7,7 +7,7 @@ import platform
 from importlib import metadata
 from typing import Dict, List, Tuple
 
-
+from .attention_impl import op_library
 from .formats import ArtifactFormat
 from .module import ISDAExportModule
 
@@ -42,6 +42,8 @@ def describe(
         "artifact": fmt.filename,
         "runtime": fmt.runtime,
         "op_implementation": fmt.op_implementation,
+        # What a deployment must ship and load besides torch (None: nothing).
+        "op_library": op_library() if fmt.needs_op_library else None,
         "inputs": {
             "images": {
                 "shape": ["batch", 3, "height", "width"] if dynamic else [1, 3, *export_size],

@@ -16,9 +16,13 @@ def ms_deform_attn_reference(
 ) -> torch.Tensor:
     """Multi-scale deformable attention through ``grid_sample`` (contract: :mod:`.msda_dispatch`).
 
+    The level sizes are read by indexing ``spatial_shapes`` (never ``.tolist()``), so a graph
+    recorded at one input size (``torch.jit.trace``, ONNX export) takes them from that input's
+    feature maps and stays right at every other size.
+
     Args:
         value: (N, S, M, D); spatial_shapes: (L, 2) int64 (H, W); level_start_index: (L,) int64
-            (unused: the levels are consecutive, so their sizes give the split);
+            offset of each level in S;
         sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y); attention_weights:
             (N, Lq, M, L, P).
     Returns:
@@ -26,14 +30,14 @@ def ms_deform_attn_reference(
     """
     N, _, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    value_per_level = value.split([h * w for h, w in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1].
     grids = 2 * sampling_locations - 1
     sampled = []
-    for lvl, (h, w) in enumerate(shapes):
+    for lvl in range(L):
+        h, w = spatial_shapes[lvl, 0], spatial_shapes[lvl, 1]
         # (N, H*W, M, D) -> (N*M, D, H, W)
-        v = value_per_level[lvl].flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
+        v = value.narrow(1, level_start_index[lvl], h * w)
+        v = v.flatten(2).transpose(1, 2).reshape(N * M, D, h, w)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         # (N*M, D, Lq, P)

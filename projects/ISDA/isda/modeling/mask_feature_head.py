@@ -36,12 +36,19 @@ def fusion_stride(stride: int) -> int:
     return max(stride, 4)
 
 
+def _unit_range(n: int, like: torch.Tensor) -> torch.Tensor:
+    """(n,) evenly spaced from -1 to 1, as ``torch.linspace(-1, 1, n)`` within float rounding (one
+    point: -1). Built from ``arange`` so that a recorded graph (trace, torch.export) keeps n
+    symbolic; ``linspace`` takes its length as a constant."""
+    index = torch.arange(n, device=like.device, dtype=like.dtype)
+    last = index[-1:].clamp(min=1)  # n - 1, as a tensor
+    return (2 * index - last) / last
+
+
 def coord_channels(like: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, 2, H, W): x then y, each linspace(-1, 1) over the (padded) map."""
+    """(B, C, H, W) -> (B, 2, H, W): x then y, each evenly spaced in [-1, 1] over the (padded) map."""
     B, _, H, W = like.shape
-    x = torch.linspace(-1, 1, W, device=like.device, dtype=like.dtype)
-    y = torch.linspace(-1, 1, H, device=like.device, dtype=like.dtype)
-    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    yy, xx = torch.meshgrid(_unit_range(H, like), _unit_range(W, like), indexing="ij")
     return torch.stack([xx, yy])[None].expand(B, -1, -1, -1)
 
 
