@@ -27,7 +27,6 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from isda import add_isda_config
-from isda.config import validate_isda_config
 from isda.data import ISDADatasetMapper
 from isda.data.sample_checks import check_dataset_categories
 from isda.engine import (
@@ -110,12 +109,12 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    """Config from file and command line, validated, frozen, with logging and the output dir."""
+    """Config from file and command line, frozen, with logging and the output dir. Building the
+    model validates it (``ISDA.from_config``)."""
     cfg = get_cfg()
     add_isda_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    validate_isda_config(cfg)
     cfg.freeze()
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="isda")

@@ -1,13 +1,16 @@
-"""Every stage produces the shapes of spec §1-§4, for each MFR stride and each MP/KP setting."""
+"""Every stage produces the shapes of the released code (neck, MFR, transformer, mask head), for
+each MFR stride and each MP/KP setting."""
 
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
 
 from conftest import tiny_cfg
-from isda.modeling.mask_head import encode_reference
+from isda.modeling.mask_head import MaskHead, encode_reference
 
 B, H, W = 2, 96, 160  # the batch pads to H x W (both multiples of 32)
 IMAGE_SIZES = [(96, 160), (70, 100)]
@@ -109,3 +112,22 @@ def test_unshared_heads_make_one_head_per_decoder_layer():
     assert len(model.mask_head.class_branches) == 3 and len(model.mask_head.kernel_branches) == 3
     shared = build_model(tiny_cfg("MODEL.ISDA.DEC_LAYERS", 3))
     assert len(shared.mask_head.class_branches) == 1
+
+
+def test_masks_are_a_bias_free_1x1_convolution_of_the_mfr_with_each_kernel():
+    kernels, mfr = torch.randn(2, 5, 6), torch.randn(2, 6, 4, 7)  # (B, n, E), (B, E, h, w)
+    expected = torch.stack(
+        [F.conv2d(f[None], k[:, :, None, None])[0] for k, f in zip(kernels, mfr)]
+    )
+    torch.testing.assert_close(MaskHead.mask_logits(kernels, mfr), expected)
+    torch.testing.assert_close(MaskHead.mask_logits(kernels[1], mfr[1]), expected[1])  # one image
+
+
+@pytest.mark.parametrize("stride", [2, 8])
+def test_training_targets_follow_the_stride_of_the_mask_feature_head(stride):
+    model = build_model(tiny_cfg(*_stride_opts(stride)))
+    inst = Instances((70, 100), gt_classes=torch.tensor([1]))
+    inst.gt_masks = BitMasks(torch.ones(1, 70, 100, dtype=torch.bool))
+    targets = model.prepare_targets([{"instances": inst}], (H, W))
+    assert model.mask_feature_head.stride == stride
+    assert targets[0]["masks"].shape == (1, H // stride, W // stride)

@@ -18,7 +18,7 @@ from detectron2.utils.visualizer import Visualizer
 from conftest import REPO, TINY_CONFIG, tiny_cfg, train_net_args
 from isda.config import MAX_TRANSFORMER_LAYERS
 from isda.engine import SafeDetectionCheckpointer
-from train_net import setup
+from train_net import Trainer, setup
 
 
 def test_predictor_returns_valid_empty_instances_when_nothing_is_detected():
@@ -108,8 +108,9 @@ def test_files_that_need_pickle_are_refused_unless_trusted(tmp_path):
     ],
 )
 def test_bad_configs_fail_at_startup_naming_the_key(opts, key, tmp_path):
+    # train_net's startup: the config (merge errors), then the model (validation), before any data.
     with pytest.raises((ValueError, AssertionError), match=key.replace(".", r"\.")):
-        setup(train_net_args(TINY_CONFIG, *opts, "OUTPUT_DIR", tmp_path))
+        Trainer.build_model(setup(train_net_args(TINY_CONFIG, *opts, "OUTPUT_DIR", tmp_path)))
 
 
 def test_deepest_supported_decoder_builds_and_trains():

@@ -1,17 +1,24 @@
-"""Configuration keys of ISDA. Defaults reproduce the authors' released code (isda_r50_3x_coco)."""
+"""Configuration keys of ISDA and their validation. Defaults reproduce the authors' released code
+(configs/isda/isda_r50_3x_coco.py).
+
+The set of values a key accepts belongs to the module that implements them (e.g. the MFR strides to
+the mask feature head); this file reads those sets, so each key is checked here, once, by name.
+"""
 
 from detectron2.config import CfgNode as CN
 
-MFR_COORD_MODES = ("p5_input", "none", "output")
-KERNEL_REF_ENCODINGS = ("logit", "unit", "signed")
-MASK_LOSSES = ("dice", "iou")
-GT_DOWNSAMPLE_MODES = ("bilinear", "nearest")
-MFR_STRIDES = (2, 4, 8)
+from .layers.ms_deform_attn_func import IMPLS as MSDA_IMPLS
+from .modeling.criterion import GT_DOWNSAMPLE_MODES, MASK_LOSSES
+from .modeling.mask_feature_head import COORD_MODES as MFR_COORD_MODES
+from .modeling.mask_feature_head import STRIDES as MFR_STRIDES
+from .modeling.mask_feature_head import fusion_stride
+from .modeling.mask_head import REF_ENCODINGS as KERNEL_REF_ENCODINGS
+from .modeling.neck import LEVEL_STRIDES as NECK_LEVELS
+
 # Deepest encoder/decoder that is built and trained in tests (tests/test_reliability_inference.py).
 # Deeper stacks are untested, and the usual cause of e.g. DEC_LAYERS 60 is a typo for 6 that would
 # otherwise surface only as an out-of-memory error hours into a run.
 MAX_TRANSFORMER_LAYERS = 12
-NECK_LEVELS = {"p2": 4, "p3": 8, "p4": 16, "p5": 32, "p6": 64}  # neck output -> stride
 
 
 def add_isda_config(cfg):
@@ -39,23 +46,15 @@ def add_isda_config(cfg):
     m.MFR_STRIDE = 4  # stride of the mask feature representation F (paper Table 1: 8, 4, 2)
     m.MFR_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # neck levels fused into F
     m.MFR_INNER_DIM = 128  # width inside the mask feature head
-    m.MFR_OUT_DIM = (
-        256  # channels of F (+2 coordinate channels with MFR_COORD "output") = kernel length
-    )
-    m.MFR_COORD = (
-        "p5_input"  # MP: "p5_input" (released code), "none", or "output" (2 coord channels on F)
-    )
+    m.MFR_OUT_DIM = 256  # channels of F = kernel length (+2 coordinate channels with "output")
+    m.MFR_COORD = "p5_input"  # MP: "p5_input" (released code), "none", "output" (coords on F)
 
     m.KERNEL_REF = True  # KP: kernel = FFN output (MFR_OUT_DIM - 2) ++ encoded reference point (2)
-    m.KERNEL_REF_ENCODING = (
-        "logit"  # how r enters the kernel: "logit" (code), "unit" [0,1], "signed" [-1,1]
-    )
+    m.KERNEL_REF_ENCODING = "logit"  # r in the kernel: "logit", "unit" [0,1], "signed" [-1,1]
     m.KERNEL_REF_DETACH = False  # stop the mask loss from moving the reference points
     m.KERNEL_FFN_LAYERS = 2  # hidden Linear+ReLU layers of the kernel FFN before its output layer
     m.SHARE_HEADS_ACROSS_LAYERS = True  # one class FFN and one kernel FFN for all decoder layers
-    m.DEEP_SUPERVISION = (
-        True  # supervise every decoder layer with equal weight (else the last only)
-    )
+    m.DEEP_SUPERVISION = True  # supervise every decoder layer, equal weights (else the last only)
 
     m.CLASS_WEIGHT = 2.0  # lambda_cls, focal loss weight (paper: 1.0)
     m.MASK_WEIGHT = 3.0  # lambda_mask, mask loss weight
@@ -72,8 +71,9 @@ def add_isda_config(cfg):
     m.TEST.MASKNESS = True  # rescore by the mean probability inside the binary mask (SOLOv2)
     m.TEST.SCORE_THRESHOLD = 0.0  # drop detections scoring below this (0 keeps all for COCO AP)
 
-    # Training augmentation (DETR recipe, spec section 7): with probability 1/2 the image is first
-    # resized (short side from CROP_PRE_RESIZE) and cropped (INPUT.CROP), then resized as usual.
+    # Training augmentation (DETR recipe, the released config's train_pipeline): with probability
+    # 1/2 the image is first resized (short side from CROP_PRE_RESIZE) and cropped (INPUT.CROP),
+    # then resized as usual.
     cfg.INPUT.ISDA = CN()
     cfg.INPUT.ISDA.CROP_PRE_RESIZE = [400, 500, 600]  # short-side choices before the random crop
     cfg.INPUT.ISDA.CROP_PRE_MAX_SIZE = 4200  # long-side limit of that first resize
@@ -98,7 +98,7 @@ def validate_isda_config(cfg):
         ("KERNEL_REF_ENCODING", KERNEL_REF_ENCODINGS),
         ("MASK_LOSS", MASK_LOSSES),
         ("GT_DOWNSAMPLE", GT_DOWNSAMPLE_MODES),
-        ("MSDA_IMPL", ("", "reference", "cpu", "cuda")),
+        ("MSDA_IMPL", ("", *MSDA_IMPLS)),
     ):
         check(m.get(key) in allowed, f"MODEL.ISDA.{key}={m.get(key)!r} must be one of {allowed}")
     check(
@@ -186,10 +186,11 @@ def _validate_depth_and_mfr(m, check) -> None:
         f"{list(NECK_LEVELS)}",
     )
     finest = min(NECK_LEVELS[f] for f in m.MFR_IN_FEATURES)
+    fuse = fusion_stride(m.MFR_STRIDE)
     check(
-        finest == max(m.MFR_STRIDE, 4),
+        finest == fuse,
         f"MODEL.ISDA.MFR_IN_FEATURES={list(m.MFR_IN_FEATURES)} must start at stride "
-        f"{max(m.MFR_STRIDE, 4)} for MODEL.ISDA.MFR_STRIDE={m.MFR_STRIDE} (e.g. p3..p5 for 8)",
+        f"{fuse} for MODEL.ISDA.MFR_STRIDE={m.MFR_STRIDE} (e.g. p3..p5 for 8)",
     )
 
 

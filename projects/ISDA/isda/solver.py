@@ -1,4 +1,5 @@
-"""Optimizer of the ISDA recipe (spec §7): AdamW, lr x0.1 for parameters whose name contains
+"""Optimizer of the ISDA recipe (released code: configs/isda/isda_r50_3x_coco.py, `optimizer`
+and `optimizer_config`): AdamW, lr x0.1 for parameters whose name contains
 SOLVER.LR_MULTIPLIER_NAMES, and gradient clipping by the norm over the *whole* model."""
 
 from __future__ import annotations

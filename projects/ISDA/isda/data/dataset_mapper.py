@@ -1,4 +1,5 @@
-"""Training/test data mapper with the DETR augmentation recipe used by ISDA (spec §7).
+"""Training/test data mapper with the DETR augmentation recipe used by ISDA (released code:
+configs/isda/isda_r50_3x_coco.py, `train_pipeline`).
 
 Training: horizontal flip, then one of two policies with equal probability:
   (a) resize the short side to a choice of INPUT.MIN_SIZE_TRAIN (long side <= INPUT.MAX_SIZE_TRAIN);
@@ -177,7 +178,8 @@ class ISDADatasetMapper:
             utils.transform_instance_annotations(dict(a), transforms, image_shape) for a in annos
         ]
         instances = utils.annotations_to_instances(annos, image_shape, mask_format=self.mask_format)
-        # Keep instances whose clipped box is non-empty even if the mask became empty (spec §7).
+        # Keep instances whose clipped box is non-empty even if the mask became empty, as the crop
+        # in the released code's train_pipeline does (configs/isda/isda_r50_3x_coco.py).
         return utils.filter_empty_instances(instances, by_box=True, by_mask=False)
 
 

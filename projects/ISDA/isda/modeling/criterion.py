@@ -1,5 +1,6 @@
-"""Set criterion (paper Sec. 3.3; spec §5): focal classification loss over all queries plus a mask loss
-on the matched queries, for every decoder layer (deep supervision, equal weights).
+"""Set criterion (paper Sec. 3.3; released code: mmdet/models/dense_heads/isda_head.py,
+ISDAHead.loss_single): focal classification loss over all queries plus a mask loss on the matched
+queries, for every decoder layer (deep supervision, equal weights).
 
 Ground-truth targets are built once per batch at MFR resolution and shared by all layers. Matching uses
 all Q masks (without gradient), but the mask loss only recomputes the matched ones, since unmatched
@@ -16,12 +17,13 @@ from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 
-from ..config import GT_DOWNSAMPLE_MODES, MASK_LOSSES
-from .mask_head import dynamic_mask_logits
+from .mask_head import MaskHead
 from .matcher import HungarianMatcher
 
 DICE_EPS = 1e-3
 IOU_EPS = 1e-6
+MASK_LOSSES = ("dice", "iou")  # squared V-Net dice (released code) or soft 1 - IoU (paper)
+GT_DOWNSAMPLE_MODES = ("bilinear", "nearest")  # soft edges (released code) or binary
 
 
 def downsample_gt_masks(
@@ -33,7 +35,7 @@ def downsample_gt_masks(
     """
     if mode not in GT_DOWNSAMPLE_MODES:
         raise ValueError(
-            f"MODEL.ISDA.GT_DOWNSAMPLE must be one of {GT_DOWNSAMPLE_MODES}, got {mode!r}"
+            f"downsample_gt_masks: mode must be one of {GT_DOWNSAMPLE_MODES}, got {mode!r}"
         )
     H, W = padded_hw
     canvas = masks.new_zeros((masks.shape[0], H, W), dtype=torch.float32)
@@ -80,7 +82,7 @@ class SetCriterion(nn.Module):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
             raise ValueError(
-                f"MODEL.ISDA.MASK_LOSS must be one of {MASK_LOSSES}, got {mask_loss!r}"
+                f"SetCriterion: mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}"
             )
         self.matcher, self.num_classes = matcher, num_classes
         self.class_weight, self.mask_weight = class_weight, mask_weight
@@ -100,15 +102,13 @@ class SetCriterion(nn.Module):
         losses = {}
         for i in layers:
             suffix = "" if i == len(logits) - 1 else f"_{i}"
-            for name, value in self.layer_losses(
-                logits[i], kernels[i], mfr, targets, num_masks
-            ).items():
-                losses[name + suffix] = value
+            layer = self.layer_losses(logits[i], kernels[i], mfr, targets, num_masks)
+            losses.update({name + suffix: value for name, value in layer.items()})
         return losses
 
     def layer_losses(self, logits, kernels, mfr, targets, num_masks) -> Dict[str, torch.Tensor]:
         with torch.no_grad():
-            all_masks = dynamic_mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
+            all_masks = MaskHead.mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
         indices = self.matcher(logits, all_masks, targets)
         return {
             "loss_cls": self.class_weight * self.class_loss(logits, targets, indices) / num_masks,
@@ -133,11 +133,7 @@ class SetCriterion(nn.Module):
             if len(q) == 0:
                 continue
             k = kernels[b, q.to(kernels.device)]  # (n, E)
-            pred = dynamic_mask_logits(k[None], mfr[b : b + 1])[0].flatten(1).float().sigmoid()
-            total = (
-                total
-                + self.mask_loss_fn(
-                    pred, targets[b]["masks"][g.to(kernels.device)].flatten(1)
-                ).sum()
-            )
+            pred = MaskHead.mask_logits(k, mfr[b]).flatten(1).float().sigmoid()  # (n, h*w)
+            gt = targets[b]["masks"][g.to(kernels.device)].flatten(1)  # (n, h*w)
+            total = total + self.mask_loss_fn(pred, gt).sum()
         return total

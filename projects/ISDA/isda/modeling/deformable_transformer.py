@@ -1,5 +1,7 @@
 """Deformable Transformer (paper Fig. 2, "Deformable Transformer"): encoder over P3..P6, decoder over
-learned object queries. Single-scale queries, no box refinement, no two-stage (spec §2).
+learned object queries. Single-scale queries, no box refinement, no two-stage (released code:
+mmdet/models/utils/transformer.py, DeformableDetrTransformer, called by ISDAHead.forward without
+reg_branches).
 
 Encoder layer (post-norm):  x = LN(x + MSDA(x + pos)); x = LN(x + FFN(x)).
 Decoder layer (post-norm):  q = LN(q + MHA(q + qpos)); q = LN(q + MSDA(q + qpos)); q = LN(q + FFN(q)).
@@ -8,10 +10,11 @@ Reference points of the queries are sigmoid(Linear(query_pos)), identical for ev
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.layers.wrappers import shapes_to_tensor
 from torch import nn
 
 from ..layers import MSDeformAttn
@@ -90,9 +93,9 @@ def flatten_levels(
     feats[l], pos[l]: (B, C, H_l, W_l); masks[l]: (B, H_l, W_l) ->
     tokens (B, S, C), padding (B, S), pos (B, S, C), spatial_shapes (L, 2) int64, level_start_index (L,).
     """
-    shapes = torch.as_tensor(
-        [f.shape[-2:] for f in feats], dtype=torch.long, device=feats[0].device
-    )
+    # Built from the maps' sizes (not a Python list of ints), so a traced graph keeps them symbolic.
+    device = feats[0].device
+    shapes = torch.stack([shapes_to_tensor(list(f.shape[-2:]), device) for f in feats]).long()
     level_start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     # permute + flatten is a free view for channels-last maps (and one copy for NCHW maps).
     tokens = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in feats], 1)
@@ -109,14 +112,16 @@ def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w / W, valid_h / H], -1)
 
 
-def encoder_reference_points(spatial_shapes: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+def encoder_reference_points(level_sizes: Sequence[Sequence], ratios: torch.Tensor) -> torch.Tensor:
     """Pixel centres of every level, expressed on every level: -> (B, S, L, 2) normalised (x, y).
 
-    ratios: (B, L, 2) valid ratios. A centre is normalised by the valid extent of its own level, then
-    scaled by the valid ratio of each target level, so points stay inside each level's valid area.
+    level_sizes: L sizes (H_l, W_l), taken from the maps' ``shape`` so that they stay symbolic when
+    the model is traced or exported. ratios: (B, L, 2) valid ratios. A centre is normalised by the
+    valid extent of its own level, then scaled by the valid ratio of each target level, so points
+    stay inside each level's valid area.
     """
     refs = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+    for lvl, (h, w) in enumerate(level_sizes):
         ys, xs = torch.meshgrid(
             torch.arange(h, dtype=torch.float32, device=ratios.device) + 0.5,
             torch.arange(w, dtype=torch.float32, device=ratios.device) + 0.5,
@@ -126,6 +131,14 @@ def encoder_reference_points(spatial_shapes: torch.Tensor, ratios: torch.Tensor)
         y = ys.reshape(1, -1) / (ratios[:, None, lvl, 1] * h)
         refs.append(torch.stack((x, y), -1))
     return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
+
+
+def _may_branch_on_values() -> bool:
+    """False while a graph is being recorded (tracing, scripting, torch.export / compile): a Python
+    branch on tensor values would be frozen into it, so the recorded graph always applies the
+    padding mask (a fill with an all-False mask leaves the values unchanged)."""
+    recording = torch.jit.is_tracing() or torch.jit.is_scripting()
+    return not (recording or torch.compiler.is_compiling())
 
 
 class DeformableTransformer(nn.Module):
@@ -166,7 +179,7 @@ class DeformableTransformer(nn.Module):
         )
         self.level_embed = nn.Parameter(torch.empty(n_levels, dim))
         self.reference_points = nn.Linear(dim, 2)
-        self.dim = dim
+        self.dim, self.n_levels = dim, n_levels
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -186,10 +199,10 @@ class DeformableTransformer(nn.Module):
         level_start (L,), ratios (B, L, 2)"""
         pos = [p + self.level_embed[lvl].view(1, -1, 1, 1) for lvl, p in enumerate(pos)]
         src, padding, pos_tokens, shapes, level_start = flatten_levels(feats, masks, pos)
-        if not padding.any():  # a batch without padding: skip 2 x (enc + dec layers) masked fills
-            padding = None
+        if _may_branch_on_values() and not padding.any():
+            padding = None  # a batch without padding: skip 2 x (enc + dec layers) masked fills
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
-        refs = encoder_reference_points(shapes, ratios)
+        refs = encoder_reference_points([m.shape[-2:] for m in masks], ratios)
         for layer in self.encoder:
             src = layer(src, pos_tokens, refs, shapes, level_start, padding)
         return src, padding, shapes, level_start, ratios

@@ -1,11 +1,15 @@
-"""Mask feature representation (MFR) head (paper Fig. 3; SOLOv2-style, spec §3).
+"""Mask feature representation (MFR) head (paper Fig. 3; SOLOv2-style; released code:
+mmdet/models/roi_heads/mask_heads/mask_feat_head.py, MaskFeatHead).
 
 Every input level goes through 3x3 conv-GN-ReLU blocks (CGR) and x2 bilinear upsamplings until it reaches
 the fusion stride, the branches are summed, and a 1x1 CGR maps them to the MFR F.
 
 * stride 4 (default): P2: CGR | P3: CGR, up | P4: (CGR, up) x2 | P5 (+2 coord ch.): (CGR, up) x3
-* stride 8: the same rule with P3..P5 fused at 1/8 (MFR_IN_FEATURES should then be p3..p5)
+* stride 8: the same rule with P3..P5 fused at 1/8 (``in_features`` should then be p3..p5)
 * stride 2: the stride-4 fusion, then one more CGR + x2 upsampling
+
+The released code builds stride 4 only; strides 8 and 2 (paper Table 1) are this module's own
+construction, as the paper does not describe them.
 
 MP (``coord``): "p5_input" appends [x, y] in [-1, 1] to the coarsest input (released code), "none"
 appends nothing, "output" appends them to F itself (F then has ``out_dim + 2`` channels).
@@ -21,9 +25,15 @@ import torch.nn.functional as F
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import nn
 
-from ..config import MFR_COORD_MODES, MFR_STRIDES
-
+STRIDES = (2, 4, 8)  # strides of F this head can build (paper Table 1)
+COORD_MODES = ("p5_input", "none", "output")  # where the coordinate channels enter (MP)
 COORD_CHANNELS = 2
+
+
+def fusion_stride(stride: int) -> int:
+    """Stride at which the input branches are summed for an MFR of ``stride``: 4 for strides 4 and
+    2 (stride 2 then refines once more), 8 for stride 8. The finest input level must have it."""
+    return max(stride, 4)
 
 
 def coord_channels(like: torch.Tensor) -> torch.Tensor:
@@ -67,20 +77,17 @@ class MaskFeatureHead(nn.Module):
         coord: str = "p5_input",
     ):
         super().__init__()
-        if stride not in MFR_STRIDES:
-            raise ValueError(f"MODEL.ISDA.MFR_STRIDE must be one of {MFR_STRIDES}, got {stride}")
-        if coord not in MFR_COORD_MODES:
-            raise ValueError(
-                f"MODEL.ISDA.MFR_COORD must be one of {MFR_COORD_MODES}, got {coord!r}"
-            )
+        if stride not in STRIDES:
+            raise ValueError(f"MaskFeatureHead: stride must be one of {STRIDES}, got {stride!r}")
+        if coord not in COORD_MODES:
+            raise ValueError(f"MaskFeatureHead: coord must be one of {COORD_MODES}, got {coord!r}")
         self.in_features = sorted(in_features, key=lambda f: input_shapes[f].stride)
-        # Branches fuse at 1/4 (strides 4 and 2) or 1/8 (stride 8); stride 2 then refines once more.
-        self.fuse_stride = max(stride, 4)
+        self.fuse_stride = fusion_stride(stride)
         finest = min(input_shapes[f].stride for f in self.in_features)
         if finest != self.fuse_stride:
             raise ValueError(
-                f"MODEL.ISDA.MFR_STRIDE={stride} fuses at stride {self.fuse_stride}, so the finest level "
-                f"of MODEL.ISDA.MFR_IN_FEATURES must have that stride; {in_features} has {finest}"
+                f"MaskFeatureHead: stride={stride} fuses at stride {self.fuse_stride}, so the finest "
+                f"of in_features must have that stride; {list(in_features)} has {finest}"
             )
         self.coord, self.stride = coord, stride
         self.branches = nn.ModuleList(
@@ -89,7 +96,7 @@ class MaskFeatureHead(nn.Module):
                 for i, f in enumerate(self.in_features)
             ]
         )
-        # Stride 2: one extra CGR + upsampling after the stride-4 fusion (spec §10).
+        # Stride 2: one extra CGR + upsampling after the stride-4 fusion (see the module docstring).
         self.refine = (
             nn.Sequential(_cgr(inner_dim, inner_dim), _Up2()) if stride < self.fuse_stride else None
         )

@@ -1,9 +1,16 @@
-"""Mask head (paper Fig. 4): per decoder state, a class FFN and a kernel FFN whose output, extended by
-the query's reference point (KP), is a position-aware dynamic 1x1 kernel applied to the MFR F.
+"""Position-aware mask head (paper Fig. 4; released code: mmdet/models/dense_heads/isda_head.py,
+ISDAHead). Per decoder state h_q: a class FFN, and a kernel FFN whose output, extended by the
+query's reference point r_q (KP), is a dynamic 1x1 kernel G_q applied to the MFR F (Fig. 3), which
+gives the query's mask.
 
-    logits_q = Linear(h_q)                                    (K,)
-    G_q      = KernelFFN(h_q) ++ enc(r_q)   if KP else  KernelFFN(h_q)      (MFR_OUT_DIM,)
-    m_q(x)   = sum_c G_q[c] * F[c](x)                         mask logits (spec §4)
+    logits_q = Linear(h_q)                                                  (K,)
+    G_q      = KernelFFN(h_q) ++ enc(r_q)   if KP else  KernelFFN(h_q)      (E,) = channels of F
+    m_q(x)   = sum_c G_q[c] * F[c](x)       mask logits: a 1x1 conv without bias
+                                            (released code: ISDAHead._get_masks_single)
+
+``MaskHead`` owns all three steps: ``forward`` gives the class logits and kernels of every decoder
+layer, ``mask_logits`` the masks of any chosen kernels (all queries for matching, the matched ones
+for the loss, the top-k ones at inference).
 """
 
 from __future__ import annotations
@@ -14,8 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import KERNEL_REF_ENCODINGS
-
+REF_ENCODINGS = ("logit", "unit", "signed")  # how the reference point enters the kernel (KP)
 REF_DIM = 2
 REF_LOGIT_EPS = 1e-5
 
@@ -30,15 +36,7 @@ def encode_reference(ref: torch.Tensor, encoding: str) -> torch.Tensor:
         return ref
     if encoding == "signed":
         return 2 * ref - 1
-    raise ValueError(
-        f"MODEL.ISDA.KERNEL_REF_ENCODING must be one of {KERNEL_REF_ENCODINGS}, got {encoding!r}"
-    )
-
-
-def dynamic_mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
-    """The dynamic 1x1 convolution without bias: kernels (B, Q, C) x F (B, C, h, w) -> (B, Q, h, w)."""
-    B, C, h, w = mfr.shape
-    return torch.bmm(kernels, mfr.reshape(B, C, h * w)).view(B, -1, h, w)
+    raise ValueError(f"encode_reference: encoding must be one of {REF_ENCODINGS}, got {encoding!r}")
 
 
 class _KernelFFN(nn.Sequential):
@@ -50,10 +48,10 @@ class _KernelFFN(nn.Sequential):
 
 
 class MaskHead(nn.Module):
-    """Class and kernel predictions for every decoder layer.
+    """Class logits, position-aware kernels and masks for every decoder layer.
 
     forward(hs (D, B, Q, C), reference_points (B, Q, 2)) -> logits (D, B, Q, K), kernels (D, B, Q, E),
-    with E = ``kernel_dim`` = the channel count of F.
+    with E = ``kernel_dim`` = the channel count of F; ``mask_logits(kernels, F)`` -> masks.
     """
 
     def __init__(
@@ -69,9 +67,9 @@ class MaskHead(nn.Module):
         share_across_layers: bool = True,
     ):
         super().__init__()
-        if ref_encoding not in KERNEL_REF_ENCODINGS:
+        if ref_encoding not in REF_ENCODINGS:
             raise ValueError(
-                f"MODEL.ISDA.KERNEL_REF_ENCODING must be one of {KERNEL_REF_ENCODINGS}, got {ref_encoding!r}"
+                f"MaskHead: ref_encoding must be one of {REF_ENCODINGS}, got {ref_encoding!r}"
             )
         self.kernel_ref, self.ref_encoding, self.ref_detach = kernel_ref, ref_encoding, ref_detach
         class_fc = nn.Linear(dim, num_classes)
@@ -92,3 +90,13 @@ class MaskHead(nn.Module):
             k = self.kernel_branches[j](h)
             kernels.append(torch.cat([k, ref_code], -1) if self.kernel_ref else k)
         return torch.stack(logits), torch.stack(kernels)
+
+    @staticmethod
+    def mask_logits(kernels: torch.Tensor, mfr: torch.Tensor) -> torch.Tensor:
+        """The dynamic 1x1 convolution without bias, m = G (.) F.
+
+        kernels (..., n, E) and F (..., E, h, w) with the same leading dims (e.g. B, or none)
+        -> mask logits (..., n, h, w).
+        """
+        h, w = mfr.shape[-2:]
+        return torch.matmul(kernels, mfr.flatten(-2)).unflatten(-1, (h, w))

@@ -1,4 +1,6 @@
-"""Hungarian matching of queries to ground-truth instances (paper Sec. 3.3; spec §5).
+"""Hungarian matching of queries to ground-truth instances (paper Sec. 3.3; released code:
+mmdet/core/bbox/assigners/mask_hungarian_assigner.py, with FocalLossCost and MaskIoUCost from
+mmdet/core/bbox/match_costs/match_cost.py).
 
 C(q, j) = w_cls * focal_cost(q, c_j) + w_mask * (1 - softIoU(P_q, G_j)), solved per image with
 ``scipy.optimize.linear_sum_assignment``. Costs are computed in fp32 even under autocast.
@@ -50,12 +52,8 @@ class HungarianMatcher(nn.Module):
         gamma: float = 2.0,
     ):
         super().__init__()
-        self.cost_class, self.cost_mask, self.alpha, self.gamma = (
-            cost_class,
-            cost_mask,
-            alpha,
-            gamma,
-        )
+        self.cost_class, self.cost_mask = cost_class, cost_mask
+        self.alpha, self.gamma = alpha, gamma
 
     @torch.no_grad()
     def forward(

@@ -8,12 +8,12 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
-from ..config import validate_isda_config
 from .criterion import SetCriterion, downsample_gt_masks
 from .deformable_transformer import DeformableTransformer
 from .mask_feature_head import MaskFeatureHead
@@ -32,9 +32,10 @@ class ISDA(nn.Module):
 
     Built from a config through ``from_config`` (all keys under MODEL.ISDA), or directly from its
     parts: ``backbone`` gives C2..C5, ``neck`` P2..P6, ``transformer`` the decoder states of every
-    layer for ``num_queries`` learned queries over the first ``num_feature_levels`` of P3..P6,
-    ``mask_feature_head`` the MFR F at ``mfr_stride``, ``mask_head`` class logits and kernels, and
-    ``criterion`` the training losses. The ``test_*`` arguments configure inference (see
+    layer for ``num_queries`` learned queries over the first ``transformer.n_levels`` of P3..P6,
+    ``mask_feature_head`` the MFR F at ``mask_feature_head.stride``, ``mask_head`` class logits,
+    kernels and masks (paper Fig. 4), and ``criterion`` the training losses. The model reads those facts from its parts and
+    keeps no copy of them. The ``test_*`` arguments configure inference (see
     :func:`isda.modeling.postprocess.instances_from_query_outputs`).
     """
 
@@ -49,32 +50,28 @@ class ISDA(nn.Module):
         mask_head: MaskHead,
         criterion: SetCriterion,
         num_queries: int,
-        num_feature_levels: int,
         pos_offset: float,
-        mfr_stride: int,
         gt_downsample: str,
         pixel_mean,
         pixel_std,
-        size_divisibility: int = 32,
-        test_max_per_image: int = 100,
-        test_mask_threshold: float = 0.5,
-        test_maskness: bool = True,
-        test_score_threshold: float = 0.0,
-        channels_last: bool = False,
+        size_divisibility: int,
+        test_max_per_image: int,
+        test_mask_threshold: float,
+        test_maskness: bool,
+        test_score_threshold: float,
+        channels_last: bool,
     ):
         super().__init__()
         self.backbone, self.neck, self.transformer = backbone, neck, transformer
-        self.mask_feature_head, self.mask_head, self.criterion = (
-            mask_feature_head,
-            mask_head,
-            criterion,
-        )
+        self.mask_feature_head, self.mask_head = mask_feature_head, mask_head
+        self.criterion = criterion
         dim = transformer.dim
-        # Rows are [query_pos | target], both learned (spec §2).
+        # Rows are [query_pos | target], both learned (released code: ISDAHead._init_layers,
+        # split in DeformableDetrTransformer.forward).
         self.query_embedding = nn.Embedding(num_queries, 2 * dim)
         self.position_encoding = SinePositionalEncoding(dim // 2, offset=pos_offset)
-        self.transformer_levels = TRANSFORMER_LEVELS[:num_feature_levels]
-        self.mfr_stride, self.gt_downsample = mfr_stride, gt_downsample
+        self.transformer_levels = TRANSFORMER_LEVELS[: transformer.n_levels]
+        self.gt_downsample = gt_downsample
         self.size_divisibility = size_divisibility
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -89,6 +86,11 @@ class ISDA(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        # The one place a config is validated: every way of building the model (train_net, its
+        # --eval-only, DefaultPredictor, the demo) passes here. Imported here because config.py
+        # reads the accepted values from the modules of this package.
+        from ..config import validate_isda_config
+
         validate_isda_config(cfg)
         m = cfg.MODEL.ISDA
         backbone = build_backbone(cfg)
@@ -145,9 +147,7 @@ class ISDA(nn.Module):
             "mask_head": mask_head,
             "criterion": criterion,
             "num_queries": m.NUM_QUERIES,
-            "num_feature_levels": m.NUM_FEATURE_LEVELS,
             "pos_offset": m.POS_ENC_OFFSET,
-            "mfr_stride": m.MFR_STRIDE,
             "gt_downsample": m.GT_DOWNSAMPLE,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -162,6 +162,11 @@ class ISDA(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    @property
+    def mfr_stride(self) -> int:
+        """Stride of the MFR F, as built by the mask feature head (GT and masks follow it)."""
+        return self.mask_feature_head.stride
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batched_inputs: List[Dict]):
@@ -237,9 +242,17 @@ class ISDA(nn.Module):
 
 def level_padding_masks(images: ImageList, feats: List[torch.Tensor]) -> List[torch.Tensor]:
     """Padding mask of the batch (True outside each image), resized (nearest) to every level:
-    -> list of (B, H_l, W_l) bool."""
-    B, _, H, W = images.tensor.shape
-    mask = torch.ones((B, H, W), dtype=torch.bool, device=images.tensor.device)
-    for i, (h, w) in enumerate(images.image_sizes):
-        mask[i, :h, :w] = False
+    -> list of (B, H_l, W_l) bool.
+
+    ``images.image_sizes`` is a list of (h, w) or a (B, 2) int64 tensor; a tensor (or sizes traced
+    as tensors) keeps the masks symbolic in an exported graph.
+    """
+    device = images.tensor.device
+    sizes = images.image_sizes
+    if not isinstance(sizes, torch.Tensor):
+        sizes = torch.stack([shapes_to_tensor(list(hw), device) for hw in sizes])
+    H, W = images.tensor.shape[-2:]
+    rows = torch.arange(H, device=device)[None, :, None]  # (1, H, 1)
+    cols = torch.arange(W, device=device)[None, None, :]  # (1, 1, W)
+    mask = (rows >= sizes[:, 0, None, None]) | (cols >= sizes[:, 1, None, None])  # (B, H, W)
     return [F.interpolate(mask[None].float(), size=f.shape[-2:])[0].to(torch.bool) for f in feats]

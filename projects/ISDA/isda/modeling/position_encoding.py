@@ -1,4 +1,5 @@
-"""Sine positional encoding of a feature map (DETR), with the mmdet offset of -0.5 (spec §2)."""
+"""Sine positional encoding of a feature map (DETR), with the mmdet offset of -0.5 (released code:
+mmdet/models/utils/positional_encoding.py, SinePositionalEncoding)."""
 
 from __future__ import annotations
 

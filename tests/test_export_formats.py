@@ -1,0 +1,192 @@
+"""Exported artifacts (ONNX, TorchScript) run in processes without the project, at sizes other than
+the export size, and match eager; the export command verifies, and fails on a tampered artifact; the
+deployment example runs on a folder of images with a corrupt one among them."""
+
+import glob
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import REPO, TINY_CONFIG, tiny_cfg
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from onnx import numpy_helper
+
+from isda.export import ISDAExportModule
+from isda.export.formats import FORMATS
+from isda.export.inputs import make_batch
+from isda.export.verify import compare_detections, eager_outputs
+
+EXPORT_SIZE = (128, 160)
+RUN_SIZES = [(160, 128), (96, 128), (192, 256)]
+# Run in a child process in which importing torch, detectron2 or isda fails.
+NO_PROJECT = "import sys\nfor m in ('torch', 'detectron2', 'isda'):\n    sys.modules[m] = None\n"
+ORT_RUNNER = NO_PROJECT + """
+import numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+data = np.load(sys.argv[2])
+out = {}
+for name in data.files:
+    if name.endswith("_images"):
+        key = name[: -len("_images")]
+        feed = {"images": data[name], "image_sizes": data[key + "_sizes"]}
+        for i, o in enumerate(session.run(None, feed)):
+            out[f"{key}_{i}"] = o
+np.savez(sys.argv[3], **out)
+"""
+TORCH_RUNNER = """
+import sys
+for m in ('detectron2', 'isda'):
+    sys.modules[m] = None
+import numpy as np, torch
+program = torch.jit.load(sys.argv[1])
+data = np.load(sys.argv[2])
+out = {}
+for name in data.files:
+    if name.endswith("_images"):
+        key = name[: -len("_images")]
+        with torch.no_grad():
+            res = program(torch.from_numpy(data[name]), torch.from_numpy(data[key + "_sizes"]))
+        for i, o in enumerate(res):
+            out[f"{key}_{i}"] = o.numpy()
+np.savez(sys.argv[3], **out)
+"""
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("weights")
+    DetectionCheckpointer(build_model(tiny_cfg()), save_dir=str(folder)).save("tiny")
+    return str(folder / "tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def module(weights):
+    model = build_model(tiny_cfg()).eval()
+    DetectionCheckpointer(model).load(weights)
+    return ISDAExportModule(model)
+
+
+@pytest.fixture(scope="module")
+def sample_images(tiny_data_root):
+    return sorted(glob.glob(str(tiny_data_root / "**" / "*.png"), recursive=True))[:2]
+
+
+def export_command(weights, fmt, output, *extra):
+    cmd = [
+        sys.executable,
+        str(REPO / "tools" / "export_model.py"),
+        "--config-file",
+        str(TINY_CONFIG),
+    ]
+    cmd += ["--format", fmt, "--output", str(output), "--size", *map(str, EXPORT_SIZE), *extra]
+    return subprocess.run(cmd + ["MODEL.WEIGHTS", weights], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def onnx_export(weights, sample_images, tmp_path_factory):
+    output = tmp_path_factory.mktemp("onnx")
+    images = [arg for path in sample_images for arg in ("--sample-image", path)]
+    proc = export_command(weights, "onnx", output, "--dynamic", *images)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return output
+
+
+def _run_elsewhere(script, artifact, module, tmp_path):
+    """Runs ``artifact`` in a child process on padded batches at RUN_SIZES; compares with eager."""
+    batches = {f"s{h}x{w}": make_batch(module.model, (h, w), [], 2) for h, w in RUN_SIZES}
+    inputs = {}
+    for key, (images, sizes) in batches.items():
+        inputs[key + "_images"], inputs[key + "_sizes"] = images, sizes
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(artifact),
+            str(tmp_path / "inputs.npz"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = np.load(tmp_path / "out.npz")
+    for key, (images, sizes) in batches.items():
+        result = compare_detections(
+            [got[f"{key}_{i}"] for i in range(4)], eager_outputs(module, images, sizes)
+        )
+        assert result["passed"], (key, result)
+
+
+def test_command_writes_a_verified_onnx_model_and_its_sidecar(onnx_export, module):
+    sidecar = json.loads((onnx_export / "model.onnx.json").read_text())
+    assert sidecar["verification"]["passed"]
+    checks = sidecar["verification"]["checks"]
+    assert [c["name"] for c in checks] == ["128x160", "160x128", "96x128"]
+    assert all(c["input_shape"][0] == 2 and c["min_mask_iou"] >= 0.99 for c in checks)
+    assert sidecar["k"] == module.k and len(sidecar["class_names"]) == 5
+    assert sidecar["channel_order"] == "RGB" and len(sidecar["pixel_mean"]) == 3
+    assert "GridSample" in sidecar["op_implementation"]
+    graph_ops = {n.op_type for n in onnx.load(str(onnx_export / "model.onnx")).graph.node}
+    assert "GridSample" in graph_ops
+
+
+def test_onnx_model_runs_in_onnxruntime_alone_at_other_sizes(onnx_export, module, tmp_path):
+    _run_elsewhere(ORT_RUNNER, onnx_export / "model.onnx", module, tmp_path)
+
+
+def test_command_fails_on_a_tampered_artifact(onnx_export, weights, tmp_path):
+    shutil.copy(onnx_export / "model.onnx", tmp_path / "model.onnx")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    for init in model.graph.initializer:  # every float weight 5% off: a plausible corrupt file
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.size > 1:
+            init.CopyFrom(numpy_helper.from_array(w * np.float32(1.05), init.name))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    proc = export_command(weights, "onnx", tmp_path, "--dynamic", "--verify-only")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "VERIFICATION FAILED" in proc.stderr
+    assert not json.loads((tmp_path / "model.onnx.json").read_text())["verification"]["passed"]
+
+
+def test_torchscript_model_runs_with_torch_alone_at_other_sizes(module, tmp_path):
+    fmt = FORMATS["torchscript"]
+    inputs = [torch.from_numpy(a) for a in make_batch(module.model, EXPORT_SIZE, [], 1)]
+    fmt.export(module, inputs, str(tmp_path / fmt.filename), False)
+    _run_elsewhere(TORCH_RUNNER, tmp_path / fmt.filename, module, tmp_path)
+
+
+def test_deploy_example_names_and_skips_a_corrupt_image(onnx_export, sample_images, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sample_images:
+        shutil.copy(p, images)
+    (images / "corrupt.jpg").write_bytes(b"\xff\xd8 truncated")
+    script = (
+        NO_PROJECT
+        + "import runpy\nsys.argv = sys.argv[1:]\n"
+        + "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    deploy = str(REPO / "tools" / "deploy_onnx.py")
+    args = ["--model", str(onnx_export / "model.onnx"), "--output", str(tmp_path / "out")]
+    args += ["--score-threshold", "0", *sorted(map(str, images.iterdir()))]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, deploy, *args], capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stderr  # 1: an image was skipped
+    assert f"skipped {images / 'corrupt.jpg'}" in proc.stderr
+    report = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert report["skipped"] == [str(images / "corrupt.jpg")]
+    assert len(report["images"]) == len(sample_images)
+    for path, detections in report["images"].items():
+        assert (tmp_path / "out" / (Path(path).stem + ".png")).is_file()
+        assert len(detections) == 20 and all(0 <= d["class_id"] < 5 for d in detections)
