@@ -112,14 +112,18 @@ def _draw(
     else:
         labels = [prediction_label(names[c], float(s)) for c, s in zip(classes, scores)]
     palette = class_colors(metadata, len(names))
+    colors = [palette[c] for c in classes]
     vis = _LabelRecordingVisualizer(big, metadata)
+    # Masks one by one: draw_binary_mask keeps a ring's hole open, which overlay_instances' polygon
+    # fill does not. Largest first, so that small masks stay on top.
+    big_masks = _upscale_masks(np.asarray(masks), zoom)
+    for i in sorted(range(len(classes)), key=lambda i: -int(big_masks[i].sum())):
+        vis.draw_binary_mask(big_masks[i], color=colors[i], edge_color=colors[i], alpha=MASK_ALPHA)
     if classes:
         vis.overlay_instances(
-            masks=list(_upscale_masks(np.asarray(masks), zoom)),
             boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * zoom,
             labels=labels,
-            assigned_colors=[palette[c] for c in classes],
-            alpha=MASK_ALPHA,
+            assigned_colors=colors,
         )
     return vis.output.get_image(), vis.drawn_labels
 
