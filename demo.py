@@ -22,11 +22,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
-from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import UnidentifiedImageError
 
 import isda.data  # noqa: F401  (registers the synthetic datasets, whose metadata names classes)
 from isda import add_isda_config
+from isda.visualization import draw_predictions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("isda.demo")
@@ -109,11 +109,12 @@ def output_path(output, path, single, used):
 
 
 def visualize(predictor, metadata, image_bgr, threshold):
-    """Predicts and draws the instances scoring at least ``threshold``; returns (RGB image, count)."""
+    """Predicts and draws the instances scoring at least ``threshold`` (class name, score, box and
+    contour, in the class colour; small images upscaled); returns (RGB image, count)."""
     instances = predictor(image_bgr)["instances"].to("cpu")
     instances = instances[instances.scores >= threshold]
-    vis = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-    return vis.draw_instance_predictions(instances).get_image(), len(instances)
+    drawing, _ = draw_predictions(image_bgr[:, :, ::-1], instances, metadata)
+    return drawing, len(instances)
 
 
 def run(args):

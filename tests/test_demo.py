@@ -1,6 +1,9 @@
 """The demo pipeline (tools/run_demo.py) and the image demo (demo.py), run for real on tiny sizes."""
 
+import glob
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -8,13 +11,26 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
 
 from isda.data.synthetic import register_synthetic_datasets
+from isda.visualization import display_zoom
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 
-import run_demo  # noqa: E402
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO_ROOT, "tools", f"{name}.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+run_demo = _load_tool("run_demo")
 
 DEMO_CONFIG = os.path.join(REPO_ROOT, "configs", "ISDA-Demo.yaml")
 # A few iterations on tiny images: the point is the pipeline, not the accuracy.
@@ -28,14 +44,15 @@ TINY_OPTS = [
     "DATALOADER.NUM_WORKERS", "0",
     "MODEL.ISDA.DEC_LAYERS", "1",
     "MODEL.ISDA.NUM_QUERIES", "10",
+    "SOLVER.CHECKPOINT_PERIOD", "2",  # model_0000001.pth, model_0000003.pth beside model_final.pth
 ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One tiny demo run: its output folder and results."""
+    """One tiny demo run: its output folder (relative, as the default output/demo is) and results."""
     root = tmp_path_factory.mktemp("demo")
-    out, data = str(root / "out"), str(root / "data")
+    out, data = os.path.relpath(root / "out"), str(root / "data")
     argv = [
         "--output-dir", out,
         "--dataset-root", data,
@@ -55,11 +72,14 @@ def test_demo_writes_model_metrics_curves_and_side_by_side_pngs(demo_run):
     assert {"bbox", "segm"} <= set(results)
     pngs = sorted(os.listdir(os.path.join(out, "visualizations")))
     assert len(pngs) == 2
+    val_images = {os.path.basename(r["file_name"]): r for r in DatasetCatalog.get("isda_synth_val")}
     for name in pngs:
         panel = cv2.imread(os.path.join(out, "visualizations", name))
-        assert (
-            panel is not None and panel.shape[1] > 1.5 * panel.shape[0]
-        )  # two images side by side
+        h, w = val_images[name]["height"], val_images[name]["width"]
+        zoom = display_zoom(h, w)
+        assert zoom > 1  # small scenes are upscaled before drawing
+        # Ground truth and prediction side by side, each upscaled, with title bars and a legend.
+        assert panel is not None and panel.shape[1] > 2 * zoom * w and panel.shape[0] > zoom * h
     assert cv2.imread(os.path.join(out, "training_curves.png")) is not None
 
 
@@ -77,16 +97,53 @@ def test_demo_reuses_data_and_finished_model_unless_retrain(demo_run):
     stamps = os.stat(model).st_mtime_ns, os.stat(data_json).st_mtime_ns
     run_demo.main(argv + TINY_OPTS)
     assert (os.stat(model).st_mtime_ns, os.stat(data_json).st_mtime_ns) == stamps
-    # The retrain leg trains 2 iterations without evaluation, to keep the test short.
-    run_demo.main(
-        argv + ["--retrain"] + TINY_OPTS + ["SOLVER.MAX_ITER", "2", "TEST.EVAL_PERIOD", "0"]
-    )
+    assert len(glob.glob(os.path.join(out, "model_0*.pth"))) == 2  # periodic checkpoints
+    # The retrain leg trains 2 iterations without evaluation or periodic checkpoints.
+    retrain_opts = [
+        "SOLVER.MAX_ITER",
+        "2",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+    ]
+    run_demo.main(argv + ["--retrain"] + TINY_OPTS + retrain_opts)
     assert os.stat(model).st_mtime_ns != stamps[0]
+    # The old run's checkpoints are gone, although the output folder is a relative path.
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(out, "model_*.pth"))] == [
+        run_demo.FINAL_MODEL
+    ]
     assert os.stat(data_json).st_mtime_ns == stamps[1]
     # A retrain starts a fresh metrics file rather than appending to the old one.
     entries = run_demo.read_metrics(os.path.join(out, "metrics.json"))
     with open(os.path.join(out, "metrics.json")) as f:
         assert len(f.readlines()) == len(entries)
+
+
+def test_prediction_panel_shows_the_class_names_and_scores_the_model_returned(demo_run, tmp_path):
+    out, _, argv, _ = demo_run
+    cfg = run_demo.build_cfg(run_demo.parse_args(argv + TINY_OPTS))
+    # All of the model's top 5 per image are drawn; an untrained model's scores are low.
+    cfg.defrost()
+    cfg.MODEL.ISDA.TEST.MAX_PER_IMAGE = 5
+    drawn = run_demo.write_visualisations(cfg, str(tmp_path), num_images=2, threshold=0.0)
+    cfg.MODEL.WEIGHTS = os.path.join(out, run_demo.FINAL_MODEL)
+    predictor = DefaultPredictor(cfg)
+    names = MetadataCatalog.get("isda_synth_val").thing_classes
+    for entry, record in zip(drawn, DatasetCatalog.get("isda_synth_val")):
+        assert os.path.isfile(entry["path"])
+        instances = predictor(read_image(record["file_name"], format="BGR"))["instances"]
+        returned = sorted(
+            (names[c], round(100 * s))
+            for c, s in zip(instances.pred_classes.tolist(), instances.scores.tolist())
+        )
+        labels = [re.fullmatch(r"(\w+) (\d+)%", text) for text in entry["prediction"]]
+        assert all(labels), entry["prediction"]
+        assert len(returned) == 5
+        assert sorted((m.group(1), int(m.group(2))) for m in labels) == returned
+        assert sorted(entry["ground_truth"]) == sorted(
+            names[a["category_id"]] for a in record["annotations"]
+        )
 
 
 def test_ap_table_lists_segm_and_bbox_rows():

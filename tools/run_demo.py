@@ -18,27 +18,23 @@ Trailing ``KEY VALUE`` pairs override the config, as with train_net.py.
 
 import argparse
 import glob
+import importlib.util
 import json
 import logging
 import os
-import sys
+import platform
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)  # train_net.py lives at the repository root
-
-import cv2  # noqa: E402
-import matplotlib  # noqa: E402
+import cv2
+import matplotlib
 
 matplotlib.use("Agg")  # headless: only files are written
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor, default_argument_parser  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
-from detectron2.utils.visualizer import Visualizer  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from isda.data.synthetic import (  # noqa: E402
@@ -47,7 +43,28 @@ from isda.data.synthetic import (  # noqa: E402
     register_synthetic_datasets,
 )
 from isda.engine import SafeDetectionCheckpointer  # noqa: E402
-from train_net import Trainer, configure_cpu_threads, setup  # noqa: E402
+from isda.visualization import draw_ground_truth, draw_predictions, side_by_side  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_train_net():
+    """train_net.py, the repository's entry point, loaded from its file: it is a script beside
+    the package rather than part of it, and loading it by path leaves sys.path untouched."""
+    spec = importlib.util.spec_from_file_location(
+        "train_net", os.path.join(REPO_ROOT, "train_net.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_train_net = _load_train_net()
+Trainer, configure_cpu_threads, setup = (
+    _train_net.Trainer,
+    _train_net.configure_cpu_threads,
+    _train_net.setup,
+)
 
 logger = logging.getLogger("detectron2.run_demo")
 
@@ -103,10 +120,11 @@ def prepare_data(args):
 
 
 def _clear_previous_run(output_dir):
-    # metrics.json is appended to, so a fresh run starts from an empty one to keep curves clean.
-    stale = ["metrics.json", "last_checkpoint"] + glob.glob(os.path.join(output_dir, "model_*.pth"))
-    for name in stale:
-        path = os.path.join(output_dir, name)
+    """Removes what a fresh run would otherwise mix with its own: metrics.json is appended to,
+    and old model_*.pth files would outlive the run that wrote them."""
+    stale = [os.path.join(output_dir, name) for name in ("metrics.json", "last_checkpoint")]
+    stale += glob.glob(os.path.join(output_dir, "model_*.pth"))  # these already hold output_dir
+    for path in stale:
         if os.path.isfile(path):
             os.remove(path)
 
@@ -141,15 +159,12 @@ def evaluate(cfg):
     return Trainer.test(cfg, model, evaluators=evaluators)
 
 
-def _titled(image, title):
-    """Puts a title bar above an RGB image."""
-    bar = np.full((28, image.shape[1], 3), 255, dtype=np.uint8)
-    cv2.putText(bar, title, (6, 20), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.concatenate([bar, image], axis=0)
-
-
 def write_visualisations(cfg, out_dir, num_images, threshold):
-    """For the first val images, writes ``ground truth | prediction`` PNGs; returns their paths."""
+    """For the first val images, writes ``ground truth | prediction`` PNGs.
+
+    Returns one dict per image: ``path`` of the PNG, and ``ground_truth`` / ``prediction``, the
+    label texts drawn on each panel (class names; class names with scores).
+    """
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL)
@@ -157,25 +172,21 @@ def write_visualisations(cfg, out_dir, num_images, threshold):
     dataset = cfg.DATASETS.TEST[0]
     metadata = MetadataCatalog.get(dataset)
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
+    written = []
     for record in DatasetCatalog.get(dataset)[:num_images]:
-        bgr = read_image(record["file_name"], format="BGR")
-        instances = predictor(bgr)["instances"].to("cpu")
+        rgb = read_image(record["file_name"], format="RGB")
+        instances = predictor(rgb[:, :, ::-1])["instances"].to("cpu")  # the predictor takes BGR
         instances = instances[instances.scores >= threshold]
-        rgb = bgr[:, :, ::-1]
-        # Small synthetic images are scaled up so labels stay readable.
-        gt = Visualizer(rgb, metadata, scale=3.0).draw_dataset_dict(record).get_image()
-        pred = Visualizer(rgb, metadata, scale=3.0).draw_instance_predictions(instances).get_image()
-        sep = np.full((gt.shape[0], 8, 3), 255, dtype=np.uint8)
-        panel = np.concatenate(
-            [_titled(gt, "ground truth"), _titled(sep, ""), _titled(pred, "prediction")], axis=1
+        gt, gt_labels = draw_ground_truth(rgb, record, metadata)
+        pred, pred_labels = draw_predictions(rgb, instances, metadata)
+        panel = side_by_side(
+            [("ground truth", gt), (f"prediction (score >= {threshold:g})", pred)], metadata
         )
-        path = os.path.join(
-            out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
-        )
+        name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+        path = os.path.join(out_dir, name)
         cv2.imwrite(path, panel[:, :, ::-1])
-        paths.append(path)
-    return paths
+        written.append({"path": path, "ground_truth": gt_labels, "prediction": pred_labels})
+    return written
 
 
 def read_metrics(metrics_file):
@@ -227,6 +238,28 @@ def format_results(results, datasets):
     return tabulate(rows, headers=["task"] + list(COCO_METRICS), tablefmt="github")
 
 
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), for comparing timings and AP between
+    machines: float rounding, and so the trained model, differ between CPU types."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_summary():
+    """One line: CPU model, cores, torch threads and, where the OS reports it, the load average
+    (other jobs on the same cores slow the demo down)."""
+    line = f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if hasattr(os, "getloadavg"):
+        line += ", load average %.1f" % os.getloadavg()[0]
+    return line
+
+
 def main(argv=None):
     """Runs the demo; returns the evaluation results."""
     args = parse_args(argv)
@@ -236,6 +269,8 @@ def main(argv=None):
         torch.set_num_threads(args.num_threads)
     else:
         configure_cpu_threads(cfg)
+    machine_at_start = machine_summary()
+    logger.info("Machine: %s", machine_at_start)
     prepare_data(args)
     t_train = time.perf_counter()
     results = train(cfg, args.retrain)
@@ -244,7 +279,7 @@ def main(argv=None):
         results = evaluate(cfg)
     t_vis = time.perf_counter()
     vis_dir = os.path.join(cfg.OUTPUT_DIR, "visualizations")
-    images = write_visualisations(cfg, vis_dir, args.num_vis, args.vis_threshold)
+    drawn = write_visualisations(cfg, vis_dir, args.num_vis, args.vis_threshold)
     metrics_file = os.path.join(cfg.OUTPUT_DIR, "metrics.json")
     curves = None
     if os.path.isfile(metrics_file):
@@ -259,13 +294,15 @@ def main(argv=None):
         + format_results(results, cfg.DATASETS.TEST)
     )
     print(
-        f"\nTime: total {end - start:.0f} s (data {t_train - start:.0f} s, training {t_eval - t_train:.0f} s,"
-        f" evaluation {t_vis - t_eval:.0f} s, pictures {end - t_vis:.0f} s)"
+        f"\nWall time: {(end - start) // 60:.0f} min {(end - start) % 60:.0f} s (data"
+        f" {t_train - start:.0f} s, training {t_eval - t_train:.0f} s, evaluation"
+        f" {t_vis - t_eval:.0f} s, pictures {end - t_vis:.0f} s)"
     )
+    print(f"Machine:       {machine_at_start} (at start); now {machine_summary()}")
     print(f"Model:         {os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL)}")
     print(f"Metrics:       {metrics_file}")
     print(f"Curves:        {curves or 'none (no metrics.json)'}")
-    print(f"Predictions:   {vis_dir}/ ({len(images)} PNGs: ground truth | prediction)")
+    print(f"Predictions:   {vis_dir}/ ({len(drawn)} PNGs: ground truth | prediction)")
     return results
 
 
