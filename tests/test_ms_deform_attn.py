@@ -101,6 +101,15 @@ def grads_of(args, impl, grad_out):
     return value.grad, loc.grad, weights.grad
 
 
+def assert_cpu_matches_reference(args, tol):
+    """The CPU kernel's output and its three input gradients equal the reference's."""
+    ref, cpu = run_both(args)
+    assert_close(cpu, ref, **tol)
+    grad_out = torch.randn_like(ref)
+    for got, want in zip(grads_of(args, "cpu", grad_out), grads_of(args, "reference", grad_out)):
+        assert_close(got, want, **tol)
+
+
 @pytest.fixture(autouse=True)
 def _no_env_override(monkeypatch):
     monkeypatch.delenv(msda.ENV_VAR, raising=False)
@@ -135,12 +144,7 @@ def test_locations_on_borders_centres_and_outside():
     value, spatial_shapes, starts, _, _ = make_inputs(N=2, shapes=shapes, M=2, D=5)
     loc = border_locations(shapes, M=2, N=2)
     weights = torch.rand(loc.shape[:-1], dtype=torch.float64)
-    args = (value, spatial_shapes, starts, loc, weights)
-    ref, cpu = run_both(args)
-    assert_close(cpu, ref, **F64_TOL)
-    grad_out = torch.randn_like(ref)
-    for got, want in zip(grads_of(args, "cpu", grad_out), grads_of(args, "reference", grad_out)):
-        assert_close(got, want, **F64_TOL)
+    assert_cpu_matches_reference((value, spatial_shapes, starts, loc, weights), F64_TOL)
 
 
 @needs_ext
@@ -188,12 +192,7 @@ def test_empty_query_set(impl):
 @needs_ext
 @pytest.mark.parametrize("D", CHANNELS)
 def test_channels_forward_and_backward_match_reference(D):
-    args = make_inputs(N=2, M=2, D=D, Lq=4)
-    ref, cpu = run_both(args)
-    assert_close(cpu, ref, **F64_TOL)
-    grad_out = torch.randn_like(ref)
-    for got, want in zip(grads_of(args, "cpu", grad_out), grads_of(args, "reference", grad_out)):
-        assert_close(got, want, **F64_TOL)
+    assert_cpu_matches_reference(make_inputs(N=2, M=2, D=D, Lq=4), F64_TOL)
 
 
 @needs_ext
