@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -23,13 +22,13 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_ms_deform_attn import describe_machine  # noqa: E402
+from isda import add_isda_config
+from isda.export import ISDAExportModule
+from isda.export.formats import FORMATS
+from isda.export.inputs import make_batch
 
-from isda import add_isda_config  # noqa: E402
-from isda.export import ISDAExportModule  # noqa: E402
-from isda.export.formats import FORMATS  # noqa: E402
-from isda.export.inputs import make_batch  # noqa: E402
+# The sibling script (this folder is on sys.path when a script in it runs).
+from bench_ms_deform_attn import describe_machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "COCO-InstanceSegmentation", "isda_R_50_12ep.yaml")

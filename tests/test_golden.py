@@ -201,7 +201,6 @@ def test_the_golden_model_detects_something(results):
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
         sys.exit(f"usage: python {sys.argv[0]} --regenerate")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     GOLDEN.parent.mkdir(exist_ok=True)
     torch.save(compute(), GOLDEN)
     print(f"wrote {GOLDEN}")

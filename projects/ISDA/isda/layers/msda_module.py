@@ -100,7 +100,7 @@ class MSDeformAttn(nn.Module):
             (N, Lq, C)
         """
         N, Lq, _ = query.shape
-        M, L, P = self.n_heads, self.n_levels, self.n_points
+        M = self.n_heads
         v = self.value_proj(value)
         if value_padding_mask is not None:
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
