@@ -44,9 +44,7 @@ def add_isda_config(cfg):
     m.TWO_STAGE = False  # Deformable-DETR two-stage proposals: needs a box branch; must stay False
     m.MSDA_IMPL = ""  # deformable-attention op: "" automatic, or "reference" / "cpu" / "cuda"
     m.CHANNELS_LAST = True  # convolutions in channels-last memory (faster oneDNN/cuDNN kernels)
-    m.ACTIVATION_CHECKPOINTING = (
-        "none"  # recompute in backward: "none", "encoder", "encoder_decoder"
-    )
+    m.ACTIVATION_CHECKPOINTING = "none"  # recompute in backward: "encoder", "encoder_decoder"
 
     m.MFR_STRIDE = 4  # stride of the mask feature representation F (paper Table 1: 8, 4, 2)
     m.MFR_IN_FEATURES = ["p2", "p3", "p4", "p5"]  # neck levels fused into F
@@ -223,7 +221,7 @@ def _validate_losses(m, check) -> None:
 
 
 def _validate_input_and_solver(cfg, check) -> None:
-    """Keys outside MODEL.ISDA whose wrong values would fail only mid-run, or train on wrong data."""
+    """Keys outside MODEL.ISDA whose wrong values would fail mid-run or train on wrong data."""
     check(
         cfg.INPUT.MASK_FORMAT == "bitmask",
         f"INPUT.MASK_FORMAT={cfg.INPUT.MASK_FORMAT!r} must be 'bitmask' (ISDA's targets are masks)",
