@@ -31,6 +31,10 @@ def operator_check():
     optests = pytest.importorskip(
         "torch.testing._internal.optests", reason="torch < 2.4 needs `pip install expecttest`"
     )
+    # That import freezes the torch.backends flags for the whole process (torch's internal
+    # common_utils calls torch.backends.disable_global_flags()), after which Detectron2's
+    # default_setup fails in every later test of the session: thaw them again.
+    vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
     return optests.opcheck
 
 
