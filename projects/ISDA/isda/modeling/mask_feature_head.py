@@ -129,7 +129,11 @@ class MaskFeatureHead(nn.Module):
             if i == len(self.branches) - 1 and self.coord == "p5_input":
                 x = torch.cat([x, coord_channels(x)], 1)
             if isinstance(branch[-1], _Up2):
-                y = branch[:-1](x)
+                # Layer by layer rather than branch[:-1](x): a sliced Sequential is a new module
+                # per call, which graph exporters record under an unloadable module path.
+                y = x
+                for layer in list(branch)[:-1]:
+                    y = layer(y)
                 coarse = y if coarse is None else coarse + y
             else:
                 y = branch(x)
