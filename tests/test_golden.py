@@ -58,7 +58,9 @@ def _init_by_name(model: torch.nn.Module) -> None:
 
 def _images():
     g = _generator("images")
-    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in IMAGE_SIZES]
+    return [
+        torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in IMAGE_SIZES
+    ]
 
 
 def _instances(h, w, boxes, classes):

@@ -37,8 +37,8 @@ class ISDA(nn.Module):
     parts: ``backbone`` gives C2..C5, ``neck`` P2..P6, ``transformer`` the decoder states of every
     layer for ``num_queries`` learned queries over the first ``transformer.n_levels`` of P3..P6,
     ``mask_feature_head`` the MFR F at ``mask_feature_head.stride``, ``mask_head`` class logits,
-    kernels and masks (paper Fig. 4), and ``criterion`` the training losses. The model reads those facts from its parts and
-    keeps no copy of them. The ``test_*`` arguments configure inference (see
+    kernels and masks (paper Fig. 4), and ``criterion`` the training losses. The model reads those
+    facts from its parts and keeps no copy of them. The ``test_*`` arguments configure inference (see
     :func:`isda.modeling.postprocess.instances_from_query_outputs`).
     """
 
