@@ -13,6 +13,8 @@ from typing import List
 
 import torch
 
+from .recording import recording_graph
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -96,9 +98,9 @@ def _check_dtypes_devices(
 
 
 def _values_readable(spatial_shapes: torch.Tensor) -> bool:
-    """Whether the level check can read the index tensors for free: CPU tensors, outside
-    torch.compile (which would guard on their values)."""
-    return spatial_shapes.device.type == "cpu" and not torch.compiler.is_compiling()
+    """Whether the level check can read the index tensors for free: CPU tensors, in eager mode
+    (a recorded graph would freeze or guard on their values)."""
+    return spatial_shapes.device.type == "cpu" and not recording_graph()
 
 
 def _check_levels(value, spatial_shapes, level_start_index) -> None:

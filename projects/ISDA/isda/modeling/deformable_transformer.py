@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import MSDeformAttn
+from ..layers.recording import recording_graph
 
 # Which layers recompute their forward in the backward instead of storing activations.
 CHECKPOINT_MODES = ("none", "encoder", "encoder_decoder")
@@ -137,14 +138,6 @@ def encoder_reference_points(level_sizes: Sequence[Sequence], ratios: torch.Tens
     return torch.cat(refs, 1)[:, :, None] * ratios[:, None]
 
 
-def _may_branch_on_values() -> bool:
-    """False while a graph is being recorded (tracing, scripting, torch.export / compile): a Python
-    branch on tensor values would be frozen into it, so the recorded graph always applies the
-    padding mask (a fill with an all-False mask leaves the values unchanged)."""
-    recording = torch.jit.is_tracing() or torch.jit.is_scripting()
-    return not (recording or torch.compiler.is_compiling())
-
-
 class DeformableTransformer(nn.Module):
     """Encoder + decoder. ``forward`` returns the decoder states of every layer and the reference points.
 
@@ -223,8 +216,10 @@ class DeformableTransformer(nn.Module):
         level_start (L,), ratios (B, L, 2)"""
         pos = [p + self.level_embed[lvl].view(1, -1, 1, 1) for lvl, p in enumerate(pos)]
         src, padding, pos_tokens, shapes, level_start = flatten_levels(feats, masks, pos)
-        if _may_branch_on_values() and not padding.any():
-            padding = None  # a batch without padding: skip 2 x (enc + dec layers) masked fills
+        # A batch without padding skips 2 x (enc + dec layers) masked fills. A recorded graph always
+        # applies the mask instead (an all-False fill changes nothing), as it cannot branch on values.
+        if not recording_graph() and not padding.any():
+            padding = None
         ratios = torch.stack([valid_ratios(m) for m in masks], 1)
         refs = encoder_reference_points([m.shape[-2:] for m in masks], ratios)
         for layer in self.encoder:

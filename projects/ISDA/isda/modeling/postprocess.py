@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+from ..layers.recording import recording_graph
 from .mask_head import MaskHead
 
 MASKNESS_EPS = 1e-5
@@ -38,7 +39,7 @@ def _any(masks: torch.Tensor, dim: int) -> torch.Tensor:
     """bool ``masks.any(dim)``. In eager mode, amax over a uint8 view is several times faster on
     CPU and identical; graph recorders (tracing, ONNX) do not support the dtype view, so they get
     the plain reduction."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if recording_graph():
         return masks.any(dim)
     return masks.view(torch.uint8).amax(dim) > 0
 
