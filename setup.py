@@ -7,6 +7,7 @@ The op compiles against the torch installed in the target environment: install w
 import glob
 import importlib.util
 import os
+import sys
 
 from setuptools import setup
 
@@ -14,7 +15,7 @@ PKG_ROOT = os.path.join("projects", "ISDA")
 
 
 # Compiler flags: the kernels rely on auto-vectorised channel loops, so optimise fully.
-CXX_FLAGS = ["-O3", "-fopenmp-simd"]
+CXX_FLAGS = ["-O3", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
 
 

@@ -38,6 +38,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from isda.layers import msda_dispatch as msda
+from isda.layers import msda_native
 
 LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -246,9 +247,14 @@ def describe_machine() -> str:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    kernels = "native op not built"
+    if msda_native.load_extension() is not None:
+        build = msda_native.cpu_kernel_build()
+        kernels = f"CPU kernels: {build['isa']}, {build['parallel']}"
     return (
         f"{datetime.date.today()} | {platform.machine()}, {os.cpu_count()} cores ({cpu}), {gpu} | "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads | load average {load:.2f}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads | {kernels} | "
+        f"load average {load:.2f}"
     )
 
 

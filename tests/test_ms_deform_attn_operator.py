@@ -15,6 +15,7 @@ from torch.testing import assert_close
 
 from isda.layers import MSDeformAttn, ms_deform_attn, op_library_path
 from isda.layers import msda_dispatch as msda
+from isda.layers import msda_native
 from isda.modeling.deformable_transformer import DeformableTransformer
 from test_ms_deform_attn import F32_TOL, F64_TOL, level_tensors, make_inputs
 
@@ -158,6 +159,49 @@ def test_op_library_path_is_the_built_library():
     path = op_library_path()
     torch.ops.load_library(path)  # loading it again is a no-op, not a second registration
     assert "isda" in path and torch.ops.isda.ms_deform_attn.default is not None
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+def test_cpu_kernels_use_torch_threads_when_torch_has_them():
+    # Without OpenMP at compile time, at::parallel_for runs the kernels on one thread whatever
+    # torch.set_num_threads says; the results would still be right, only slower.
+    if "OpenMP" not in torch.__config__.parallel_info() or not sys.platform.startswith("linux"):
+        pytest.skip("the library is built with OpenMP on Linux against an OpenMP torch only")
+    assert msda_native.cpu_kernel_build()["parallel"] == "threads"
+
+
+def test_cpu_kernels_run_their_avx2_build_on_an_avx2_cpu():
+    if not {"avx2", "fma"} <= _cpu_flags():
+        pytest.skip("this CPU has no AVX2+FMA")
+    assert msda_native.cpu_kernel_build()["isa"] == "avx2_fma"
+
+
+@pytest.mark.parametrize("D", [8, 32])  # the generic and the compile-time D = 32 kernels
+def test_cpu_kernels_give_the_same_result_on_one_and_on_two_threads(D):
+    inputs = make_inputs(N=2, M=3, D=D, Lq=40, dtype=torch.float32, seed=3)
+    expected = ms_deform_attn(*inputs, impl="reference")
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            args = with_grad(tuple(t.clone() for t in inputs))
+            out = ms_deform_attn(*args, impl="cpu")
+            grads = torch.autograd.grad(out.square().sum(), [args[0], args[3], args[4]])
+            results.append((out, *grads))
+    finally:
+        torch.set_num_threads(before)
+    assert_close(results[0][0], expected, **F32_TOL)
+    for one_thread, two_threads in zip(*results):
+        # Each output row and each gradient has one writer, whatever the thread count.
+        assert torch.equal(one_thread, two_threads)
 
 
 # --------------------------------------------------------------------------------------------

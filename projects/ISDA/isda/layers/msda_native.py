@@ -59,3 +59,12 @@ def op_library_path() -> str:
     if spec is None or spec.origin is None:
         raise RuntimeError(f"{EXTENSION} was not built; {BUILD_HINT}")
     return spec.origin
+
+
+def cpu_kernel_build() -> dict:
+    """How the CPU kernels were built and which build this CPU runs, e.g.
+    ``{"isa": "avx2_fma", "parallel": "threads"}``. ``parallel`` is ``"serial"`` when the library
+    was compiled without OpenMP, so that its kernels ignore ``torch.set_num_threads``."""
+    if load_extension() is None:
+        raise RuntimeError(f"{EXTENSION} was not built; {BUILD_HINT}")
+    return dict(item.split("=", 1) for item in torch.ops.isda._cpu_kernel_build().split())

@@ -1,17 +1,19 @@
 // CPU kernels of multi-scale deformable attention (forward and backward), float and double.
 //
-// Layout: value is (N, S, M, D) so the D channels of one (token, head) are contiguous. Each
-// sample's four bilinear corner weights are computed once and then applied to D contiguous
-// channels, which the compiler vectorises.
+// Each sample's four bilinear corner weights are computed once and then applied to D contiguous
+// channels in `#pragma omp simd` loops, which the AVX2+FMA build turns into 8-wide FMAs.
 //
-// Parallelism:
-//   forward  - over (n, q) rows: every row writes only its own output slice.
-//   backward - over (n, m) heads: grad_value[n, :, m, :] is written by exactly one task, so the
+// Layout and parallelism:
+//   forward  - value as given, (N, S, M, D); parallel over (n, q) rows: every row writes only its
+//              own output slice.
+//   backward - value copied head-major, (N, M, S, D), so that one head's rows are contiguous;
+//              parallel over (n, m) heads: grad_value[n, m] is written by exactly one task, so the
 //              scatter-add needs neither atomics nor per-thread buffers.
-// Both passes first compute the taps of all L * P samples of a head-query and prefetch their
-// corner rows, then use them (scattered samples miss the cache; the loads then overlap).
-// The hot loops are compiled twice (AVX2+FMA and baseline x86-64, picked at load time), D = 32 is
-// specialised at compile time, and all index arithmetic is int64_t.
+// at::parallel_for only runs in parallel when this file is compiled with OpenMP (setup.py), and
+// _cpu_kernel_build() reports whether it was. Each head-query's L * P taps are computed in a pass
+// of their own, then used. The hot loops are built twice (AVX2+FMA and baseline x86-64, picked
+// at run time from the CPU's feature flags), D = 32 is specialised at compile time, and all index
+// arithmetic is int64_t.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <vector>
 
 #include "../ms_deform_attn.h"
@@ -30,21 +33,6 @@ namespace {
 // (n, q) rows per parallel_for chunk in the forward: enough work per chunk to amortise the
 // scheduling, small enough to balance the decoder shape (Lq = 300).
 constexpr int64_t kForwardGrainRows = 16;
-constexpr int64_t kCacheLine = 64;         // bytes
-constexpr int64_t kMaxPrefetchBytes = 256;  // per row: the first lines are enough to start
-
-// Asks for the first bytes of a channel row ahead of use (a hint; a no-op where unsupported).
-template <typename scalar_t>
-C10_ALWAYS_INLINE void prefetch_row(const scalar_t* row, int64_t D) {
-#if defined(__GNUC__)
-  const char* bytes = reinterpret_cast<const char*>(row);
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t size = std::min<int64_t>(row_bytes, kMaxPrefetchBytes);
-  for (int64_t b = 0; b < size; b += kCacheLine) {
-    __builtin_prefetch(bytes + b);
-  }
-#endif
-}
 
 // Raw pointers of one call (all tensors contiguous). Gradients are null in the forward.
 template <typename scalar_t>
@@ -100,27 +88,21 @@ C10_ALWAYS_INLINE void accumulate_sample(const scalar_t* __restrict__ value_leve
   }
 }
 
-// Taps of the L * P samples of one (n, q, m) (inside[lp] false: no corner in the map), with their
-// corner rows prefetched: issuing every load of the head-query before using any overlaps the
-// cache misses of scattered samples.
+// Taps of the L * P samples of one (n, q, m) (inside[lp] false: no corner in the map). Computing
+// them in a pass of their own, before any row is read, measured faster than computing each
+// sample's taps next to its reads.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void head_query_taps(const KernelArgs<scalar_t>& a, const scalar_t* value_head,
-                                       int64_t nqm, int64_t row_stride, Taps<acc_t>* taps,
-                                       char* inside) {
+C10_ALWAYS_INLINE void head_query_taps(const KernelArgs<scalar_t>& a, int64_t nqm,
+                                       int64_t row_stride, Taps<acc_t>* taps, char* inside) {
   const Sizes& s = a.s;
   const scalar_t* loc_nqm = a.loc + nqm * s.L * s.P * 2;
   for (int64_t l = 0; l < s.L; ++l) {
     const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
-    const scalar_t* value_level = value_head + a.starts[l] * row_stride;
     for (int64_t p = 0; p < s.P; ++p) {
       const int64_t lp = l * s.P + p;
       Taps<acc_t>& t = taps[lp];
       inside[lp] =
           compute_taps<acc_t>(loc_nqm[2 * lp], loc_nqm[2 * lp + 1], H, W, row_stride, t);
-      if (!inside[lp]) continue;
-      for (int c = 0; c < kCorners; ++c) {
-        if (t.valid[c]) prefetch_row(value_level + t.offset[c], s.D);
-      }
     }
   }
 }
@@ -141,7 +123,7 @@ C10_ALWAYS_INLINE void forward_rows(const KernelArgs<scalar_t>& a, int64_t begin
     for (int64_t m = 0; m < s.M; ++m) {
       const int64_t nqm = nq * s.M + m;
       const scalar_t* value_head = value_n + m * D;
-      head_query_taps(a, value_head, nqm, row_stride, taps.data(), inside.data());
+      head_query_taps(a, nqm, row_stride, taps.data(), inside.data());
       scalar_t* o = a.out + nqm * D;
       // With D known at compile time the sum lives in registers and is stored once.
       acc_t local[kD > 0 ? kD : 1];
@@ -224,39 +206,23 @@ C10_ALWAYS_INLINE void backward_heads(const KernelArgs<scalar_t>& a, int64_t beg
   using acc_t = scalar_t;
   const Sizes& s = a.s;
   const int64_t D = channels<kD>(s.D);
-  const int64_t row_stride = s.M * D;
+  const int64_t row_stride = D;  // head-major: the tokens of one head are contiguous
   const int64_t LP = s.L * s.P;
   std::vector<Taps<acc_t>> taps(LP);  // the samples of one (n, q, m)
   std::vector<char> inside(LP);
   for (int64_t nm = begin; nm < end; ++nm) {
     const int64_t n = nm / s.M, m = nm % s.M;
-    const int64_t head_offset = n * s.S * row_stride + m * D;
-    // grad_value is allocated uninitialised: each task zeroes its own head slice, so the
-    // zero-fill (and the first touch of fresh pages) is parallel too.
-    for (int64_t token = 0; token < s.S; ++token) {
-      scalar_t* row = a.grad_value + head_offset + token * row_stride;
-      std::fill(row, row + D, scalar_t(0));
-    }
+    const int64_t head_offset = nm * s.S * D;
+    // grad_value is allocated uninitialised: each task zeroes its own (contiguous) head slice,
+    // so the zero-fill (and the first touch of fresh pages) is parallel too.
+    std::fill(a.grad_value + head_offset, a.grad_value + head_offset + s.S * D, scalar_t(0));
     for (int64_t q = 0; q < s.Lq; ++q) {
       const int64_t nqm = (n * s.Lq + q) * s.M + m;
       const scalar_t* go = a.grad_out + nqm * D;
       const scalar_t* attn_nqm = a.attn + nqm * LP;
       scalar_t* gloc_nqm = a.grad_loc + nqm * LP * 2;
       scalar_t* gattn_nqm = a.grad_attn + nqm * LP;
-      // Pass 1: all taps of this query, with their value rows prefetched (and the rows of
-      // grad_value, which pass 2 updates).
-      head_query_taps(a, a.value + head_offset, nqm, row_stride, taps.data(), inside.data());
-      for (int64_t l = 0; l < s.L; ++l) {
-        const scalar_t* grad_level = a.grad_value + head_offset + a.starts[l] * row_stride;
-        for (int64_t p = 0; p < s.P; ++p) {
-          const int64_t lp = l * s.P + p;
-          if (!inside[lp]) continue;
-          for (int c = 0; c < kCorners; ++c) {
-            if (taps[lp].valid[c]) prefetch_row(grad_level + taps[lp].offset[c], D);
-          }
-        }
-      }
-      // Pass 2: the gradients.
+      head_query_taps(a, nqm, row_stride, taps.data(), inside.data());
       for (int64_t l = 0; l < s.L; ++l) {
         const int64_t H = a.shapes[2 * l], W = a.shapes[2 * l + 1];
         const int64_t level_offset = head_offset + a.starts[l] * row_stride;
@@ -299,39 +265,42 @@ C10_ALWAYS_INLINE void backward_heads_any_d(const KernelArgs<scalar_t>& a, int64
   }
 }
 
-// Function multi-versioning: the channel loops are compiled for AVX2+FMA and for the baseline
-// ISA, and the loader picks one at run time, so the wheel still runs on any x86-64 CPU.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ISDA_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// Two builds of the hot loops: one for AVX2+FMA and one for the baseline ISA, picked at run time
+// from the CPU's feature flags, so the wheel still runs on any x86-64 CPU. (GCC's
+// target_clones("arch=haswell") would dispatch on the CPU model, not its features, and pick the
+// baseline on AMD EPYC and on every Intel model newer than Haswell.)
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define ISDA_AVX2_FMA __attribute__((target("avx2,fma")))
+bool cpu_has_avx2_fma() {
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+}
 #else
-#define ISDA_CPU_CLONES
+#define ISDA_AVX2_FMA
+bool cpu_has_avx2_fma() { return false; }
 #endif
 
-ISDA_CPU_CLONES void forward_rows_f32(const KernelArgs<float>& a, int64_t b, int64_t e) {
-  forward_rows_any_d(a, b, e);
-}
-ISDA_CPU_CLONES void forward_rows_f64(const KernelArgs<double>& a, int64_t b, int64_t e) {
-  forward_rows_any_d(a, b, e);
-}
-ISDA_CPU_CLONES void backward_heads_f32(const KernelArgs<float>& a, int64_t b, int64_t e) {
-  backward_heads_any_d(a, b, e);
-}
-ISDA_CPU_CLONES void backward_heads_f64(const KernelArgs<double>& a, int64_t b, int64_t e) {
-  backward_heads_any_d(a, b, e);
-}
+// Defines `name(a, b, e)`, which calls `body<scalar_t>(a, b, e)` in its AVX2+FMA or baseline build.
+#define ISDA_DISPATCHED_RANGE(name, body, scalar_t)                                         \
+  ISDA_AVX2_FMA void name##_avx2_fma(const KernelArgs<scalar_t>& a, int64_t b, int64_t e) { \
+    body<scalar_t>(a, b, e);                                                                  \
+  }                                                                                           \
+  void name##_baseline(const KernelArgs<scalar_t>& a, int64_t b, int64_t e) {               \
+    body<scalar_t>(a, b, e);                                                                  \
+  }                                                                                           \
+  void name(const KernelArgs<scalar_t>& a, int64_t b, int64_t e) {                          \
+    if (cpu_has_avx2_fma()) {                                                                 \
+      name##_avx2_fma(a, b, e);                                                               \
+    } else {                                                                                  \
+      name##_baseline(a, b, e);                                                               \
+    }                                                                                         \
+  }
 
-void forward_range(const KernelArgs<float>& a, int64_t b, int64_t e) {
-  forward_rows_f32(a, b, e);
-}
-void forward_range(const KernelArgs<double>& a, int64_t b, int64_t e) {
-  forward_rows_f64(a, b, e);
-}
-void backward_range(const KernelArgs<float>& a, int64_t b, int64_t e) {
-  backward_heads_f32(a, b, e);
-}
-void backward_range(const KernelArgs<double>& a, int64_t b, int64_t e) {
-  backward_heads_f64(a, b, e);
-}
+ISDA_DISPATCHED_RANGE(forward_range, forward_rows_any_d, float)
+ISDA_DISPATCHED_RANGE(forward_range, forward_rows_any_d, double)
+ISDA_DISPATCHED_RANGE(backward_range, backward_heads_any_d, float)
+ISDA_DISPATCHED_RANGE(backward_range, backward_heads_any_d, double)
+#undef ISDA_DISPATCHED_RANGE
 
 // Every level must lie inside value's tokens: the kernels index value with these numbers.
 void check_levels(const at::Tensor& shapes, const at::Tensor& starts, int64_t S) {
@@ -342,6 +311,11 @@ void check_levels(const at::Tensor& shapes, const at::Tensor& starts, int64_t S)
                 " (H=", hw[2 * l], ", W=", hw[2 * l + 1], ", start ", start[l],
                 ") does not fit in value's S=", S, " tokens");
   }
+}
+
+// (N, S, M, D) -> (N, M, S, D) copy: the backward walks one head at a time.
+at::Tensor head_major(const at::Tensor& value) {
+  return value.permute({0, 2, 1, 3}).contiguous();
 }
 
 Inputs checked_cpu_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -387,9 +361,10 @@ Grads backward_cpu(const at::Tensor& grad_output, const at::Tensor& value,
   if (grad_out.numel() == 0 || in.value.numel() == 0) {
     return {at::zeros_like(in.value), grad_loc, grad_attn};
   }
-  auto grad_value = at::empty_like(in.value);  // zeroed per head inside backward_heads
+  const at::Tensor value_heads = head_major(in.value);
+  auto grad_value = at::empty_like(value_heads);  // zeroed per head inside backward_heads
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu_backward", [&] {
-    KernelArgs<scalar_t> a{in.value.data_ptr<scalar_t>(), in.shapes.data_ptr<int64_t>(),
+    KernelArgs<scalar_t> a{value_heads.data_ptr<scalar_t>(), in.shapes.data_ptr<int64_t>(),
                            in.starts.data_ptr<int64_t>(), in.loc.data_ptr<scalar_t>(),
                            in.attn.data_ptr<scalar_t>(), grad_out.data_ptr<scalar_t>(),
                            nullptr, grad_value.data_ptr<scalar_t>(),
@@ -398,10 +373,25 @@ Grads backward_cpu(const at::Tensor& grad_output, const at::Tensor& value,
     at::parallel_for(0, s.N * s.M, /*grain_size=*/1,
                      [&](int64_t begin, int64_t end) { backward_range(a, begin, end); });
   });
-  return {grad_value, grad_loc, grad_attn};
+  return {grad_value.permute({0, 2, 1, 3}).contiguous(), grad_loc, grad_attn};
 }
 
 }  // namespace
+
+// How this library's CPU kernels were built and which build this CPU runs, e.g.
+// "isa=avx2_fma parallel=openmp" ("isa=baseline", "parallel=serial" otherwise).
+std::string cpu_kernel_build() {
+#ifdef INTRA_OP_PARALLEL  // set by ATen/Parallel.h when at::parallel_for can use threads
+  const char* parallel = "parallel=threads";
+#else
+  const char* parallel = "parallel=serial";
+#endif
+  return std::string(cpu_has_avx2_fma() ? "isa=avx2_fma " : "isa=baseline ") + parallel;
+}
+
+TORCH_LIBRARY_FRAGMENT(isda, m) {
+  m.def("_cpu_kernel_build() -> str", &cpu_kernel_build);
+}
 
 TORCH_LIBRARY_IMPL(isda, CPU, m) {
   m.impl("ms_deform_attn", &forward_cpu);
