@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from isda.export import ISDAExportModule
 from isda.export.attention_impl import NATIVE_OP
-from isda.export.formats import FORMATS, dynamic_export_refusal
+from isda.export.formats import FORMATS, pad_canvas
 from isda.export.inputs import make_batch
 from isda.export.verify import compare_detections, eager_outputs
 from isda.layers import op_library_path
@@ -48,6 +48,7 @@ TORCH_RUNNER = """
 import sys
 for m in ('detectron2', 'isda'):
     sys.modules[m] = None
+import json
 import numpy as np, torch
 library, kind, artifact = sys.argv[1:4]
 sys.argv = sys.argv[3:]
@@ -56,13 +57,20 @@ if kind == "jit":
     program = torch.jit.load(artifact)
 else:
     program = torch.export.load(artifact).module()
+# A program exported with --dynamic takes blocks, as its sidecar says.
+shape = json.load(open(artifact + ".json"))["inputs"]["images"]["shape"]
+block = shape[3] if len(shape) == 6 else None
 data = np.load(sys.argv[1])
 out = {}
 for name in data.files:
     if name.endswith("_images"):
         key = name[: -len("_images")]
+        images = torch.from_numpy(data[name])
+        if block:  # (B, 3, H, W) canvas, H and W multiples of block
+            B, C, H, W = images.shape
+            images = images.view(B, C, H // block, block, W // block, block)
         with torch.no_grad():
-            res = program(torch.from_numpy(data[name]), torch.from_numpy(data[key + "_sizes"]))
+            res = program(images, torch.from_numpy(data[key + "_sizes"]))
         for i, o in enumerate(res):
             out[f"{key}_{i}"] = o.numpy()
 np.savez(sys.argv[2], **out)
@@ -124,10 +132,18 @@ def torch_export_static(weights, tmp_path_factory):
     return exported(weights, tmp_path_factory, "torch_export")
 
 
-def _run_elsewhere(script, artifact, module, tmp_path, sizes=RUN_SIZES, batch=2, prefix=()):
+def _run_elsewhere(
+    script, artifact, module, tmp_path, sizes=RUN_SIZES, batch=2, prefix=(), block=None
+):
     """Runs ``artifact`` in a child process (``script`` with ``prefix`` arguments first) on padded
-    batches at ``sizes``; compares with eager."""
+    batches at ``sizes`` (canvases padded further to multiples of ``block`` if given); compares
+    with eager on the same canvases."""
     batches = {f"s{h}x{w}": make_batch(module.model, (h, w), [], batch) for h, w in sizes}
+    if block:
+        batches = {
+            k: (pad_canvas(torch.from_numpy(im), block).numpy(), s)
+            for k, (im, s) in batches.items()
+        }
     inputs = {}
     for key, (images, sizes) in batches.items():
         inputs[key + "_images"], inputs[key + "_sizes"] = images, sizes
@@ -218,18 +234,15 @@ def test_torch_export_program_runs_with_torch_and_the_op_library(
         run(*make_batch(module.model, RUN_SIZES[0], [], 1))
 
 
-def test_torch_export_at_symbolic_sizes_is_right_at_other_sizes_or_refused(
-    weights, module, tmp_path
-):
+def test_torch_export_at_symbolic_sizes_is_right_at_other_sizes(weights, module, tmp_path):
     proc = export_command(weights, "torch_export", tmp_path, "--dynamic")
-    refusal = dynamic_export_refusal()
-    if refusal:  # torch 2.3: refused up front, no artifact that could be wrong at other sizes
-        assert proc.returncode != 0 and "cannot export ISDA with symbolic" in proc.stderr
-        assert not (tmp_path / "model.pt2").exists()
-        return
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    sidecar = json.loads((tmp_path / "model.pt2.json").read_text())
+    assert sidecar["verification"]["passed"] and sidecar["dynamic"]
+    assert sidecar["inputs"]["images"]["shape"] == ["batch", 3, "height / 64", 64, "width / 64", 64]
+    # 160x128, 96x128 and 192x256 images, on canvases of 192x128, 128x128 and 192x256.
     prefix = (op_library_path(), "export")
-    _run_elsewhere(TORCH_RUNNER, tmp_path / "model.pt2", module, tmp_path, prefix=prefix)
+    _run_elsewhere(TORCH_RUNNER, tmp_path / "model.pt2", module, tmp_path, prefix=prefix, block=64)
 
 
 def test_deploy_example_names_and_skips_a_corrupt_image(onnx_export, sample_images, tmp_path):

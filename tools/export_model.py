@@ -30,7 +30,7 @@ from detectron2.modeling import build_model
 import isda.data  # noqa: F401  (registers the synthetic datasets' metadata)
 from isda import add_isda_config
 from isda.export import ISDAExportModule
-from isda.export.formats import FORMATS, dynamic_export_refusal
+from isda.export.formats import FORMATS, block_size, pad_canvas, takes_blocks
 from isda.export.inputs import load_images, make_batch
 from isda.export.sidecar import describe
 from isda.export.verify import verification_sizes, verify
@@ -103,10 +103,6 @@ def class_names(cfg):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    if args.format == "torch_export" and args.dynamic and not args.verify_only:
-        refusal = dynamic_export_refusal()
-        if refusal:
-            raise SystemExit(f"--format torch_export --dynamic: {refusal}")
     cfg = setup_cfg(args)
     model = build_model(cfg).eval()
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
@@ -130,6 +126,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"--verify-only: no artifact at {path}")
 
     batches = [(f"{h}x{w}", *make_batch(model, (h, w), sources, batch)) for h, w in sizes]
+    if takes_blocks(fmt.name, args.dynamic):  # the program's canvas: multiples of its block
+        block = block_size(model)
+        batches = [(n, pad_canvas(torch.from_numpy(im), block).numpy(), s) for n, im, s in batches]
     result = verify(module, fmt.load(path), batches)
     sidecar = describe(cfg, module, fmt, class_names(cfg), size, args.dynamic, result)
     with open(path + ".json", "w") as f:

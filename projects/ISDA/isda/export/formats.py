@@ -5,8 +5,15 @@
 * ``torchscript``: ``torch.jit.trace``; deformable attention as the registered operator
   ``torch.ops.isda.ms_deform_attn``, so loading needs the op library. The model takes every size
   from its input tensors, so the trace is right at every input size.
-* ``torch_export``: ``torch.export``, on the same operator; ``--dynamic`` makes batch, height and
-  width symbolic (height and width as multiples of 32).
+* ``torch_export``: ``torch.export``, on the same operator. Without ``--dynamic`` the program is
+  for the export size only (and rejects others). With ``--dynamic`` batch, height and width are
+  symbolic, and the program takes the batch as blocks (:func:`to_blocks`): a
+  ``(B, 3, H / b, b, W / b, b)`` view of a canvas padded to multiples of the model's coarsest
+  stride b (64), not of size_divisibility (32). Its height is then ``b * h`` exactly, so every
+  level's size is a product of symbols without floor division, which torch.export (2.3
+  included) can prove right at every size. The extra padding is part of the input, like any
+  padding: GroupNorm statistics include the padded area, so results equal eager PyTorch on the
+  same canvas, and move a little against a canvas padded to 32.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ import numpy as np
 import torch
 
 from .attention_impl import NATIVE_OP, attention_impl, native_impl
+from torch import nn
+
 from .module import INPUT_NAMES, OUTPUT_NAMES, ISDAExportModule
 
 ONNX_OPSET = 17
-# Bounds of the torch.export symbolic sizes: height and width are 2..MAX_SIDE multiples of the
-# model's size divisibility (a size of one multiple would be specialised by torch.export).
-MAX_BATCH, MAX_SIDE = 64, 8192
+# Bounds of the torch.export symbolic sizes: a batch of 1..MAX_BATCH (torch's convolution
+# selects its algorithm by batch size, a guard that holds below 16), height and width up to
+# MAX_SIDE pixels.
+MAX_BATCH, MAX_SIDE = 15, 8192
 # Names of the symbolic axes (ONNX dynamic axes).
 _AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}
 _OUT_AXES = {"masks": {0: "batch", 2: "height", 3: "width"}}
@@ -91,44 +101,84 @@ def _load_torchscript(path) -> Runner:
     return _torch_runner(torch.jit.load(path, map_location="cpu"))
 
 
-def dynamic_export_refusal() -> Optional[str]:
-    """Why ``torch.export`` cannot export ISDA at symbolic sizes with this torch, or None."""
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        return (
-            f"torch {torch.__version__} cannot export ISDA with symbolic height and width: its "
-            "torch.export checks derived dimensions such as 32 * Dim only after tracing, so the "
-            "strided convolutions' size arithmetic (e.g. (H - 1) // 8 + 1) is traced without "
-            "knowing that H is a multiple of 32 and cannot be proven for all sizes. Export "
-            "without --dynamic (a program for the export size only, rejecting other sizes), or "
-            "use --format torchscript (the same native operator, right at every size)"
+def block_size(model: nn.Module) -> int:
+    """The coarsest stride of ``model``'s maps (64 for ISDA's P6): the unit of a blocked canvas."""
+    return max(spec.stride for spec in model.neck.output_shape().values())
+
+
+def pad_canvas(images: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, 3, H, W) -> the canvas zero-padded at the bottom/right (the model's own padding value)
+    to multiples of ``block``. The image sizes do not change."""
+    H, W = images.shape[-2:]
+    return torch.nn.functional.pad(images, (0, -W % block, 0, -H % block))
+
+
+def to_blocks(images: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, 3, H, W), H and W multiples of ``block`` -> the (B, 3, H / block, block, W / block,
+    block) view that a program exported with --dynamic takes."""
+    B, C, H, W = images.shape
+    if H % block or W % block:
+        raise ValueError(
+            f"a torch.export program exported with --dynamic takes canvases padded to multiples "
+            f"of {block}; got {H}x{W} (pad it with isda.export.formats.pad_canvas)"
         )
-    return None
+    return images.view(B, C, H // block, block, W // block, block)
+
+
+class BlockedInput(nn.Module):
+    """``forward(blocks, image_sizes)``: the export module on the canvas that ``blocks`` views."""
+
+    def __init__(self, module: ISDAExportModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, blocks: torch.Tensor, image_sizes: torch.Tensor):
+        B, C, h, block_h, w, block_w = blocks.shape
+        return self.module(blocks.reshape(B, C, h * block_h, w * block_w), image_sizes)
 
 
 def _export_torch_export(module, inputs, path, dynamic):
-    shapes = None
-    if dynamic:
-        refusal = dynamic_export_refusal()
-        if refusal:
-            raise RuntimeError(refusal)
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-        # The graph's size arithmetic (strided convolutions, x2 upsamplings) holds for multiples
-        # of size_divisibility only: H = d * h, W = d * w.
-        d = module.model.size_divisibility
-        h = torch.export.Dim("h", min=2, max=MAX_SIDE // d)
-        w = torch.export.Dim("w", min=2, max=MAX_SIDE // d)
-        shapes = {
-            "images": {0: batch, 2: d * h, 3: d * w},
-            "image_sizes": {0: batch},
-        }
-    with torch.no_grad(), attention_impl(module, native_impl(inputs[0].device)):
-        program = torch.export.export(module, tuple(inputs), dynamic_shapes=shapes)
+    images, image_sizes = inputs
+    with torch.no_grad(), attention_impl(module, native_impl(images.device)):
+        if not dynamic:
+            program = torch.export.export(module, (images, image_sizes))
+        else:
+            block = block_size(module.model)
+            batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+            h = torch.export.Dim("h", min=1, max=MAX_SIDE // block)
+            w = torch.export.Dim("w", min=1, max=MAX_SIDE // block)
+            shapes = {"blocks": {0: batch, 2: h, 4: w}, "image_sizes": {0: batch}}
+            blocks = to_blocks(pad_canvas(images, block), block)
+            program = torch.export.export(
+                BlockedInput(module), (blocks, image_sizes), dynamic_shapes=shapes
+            )
     torch.export.save(program, path)
+
+
+def takes_blocks(format_name: str, dynamic: bool) -> bool:
+    """Whether the artifact takes its images as :func:`to_blocks` blocks."""
+    return format_name == "torch_export" and dynamic
+
+
+def _program_block(program) -> Optional[int]:
+    """The block size of a program that takes blocks (the --dynamic form), None for (B, 3, H, W)."""
+    images = program.graph_signature.user_inputs[0]
+    shape = next(n for n in program.graph.nodes if n.name == images).meta["val"].shape
+    return int(shape[3]) if len(shape) == 6 else None
 
 
 def _load_torch_export(path) -> Runner:
     native_impl(torch.device("cpu"))  # loads the op library the program calls
-    return _torch_runner(torch.export.load(path).module())
+    program = torch.export.load(path)
+    block = _program_block(program)
+    run = _torch_runner(program.module())
+    if block is None:
+        return run
+
+    def run_blocks(images, image_sizes):
+        return run(to_blocks(torch.from_numpy(images), block).numpy(), image_sizes)
+
+    return run_blocks
 
 
 FORMATS: Dict[str, ArtifactFormat] = {

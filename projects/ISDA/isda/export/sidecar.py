@@ -8,7 +8,7 @@ from importlib import metadata
 from typing import Dict, List, Tuple
 
 from .attention_impl import op_library
-from .formats import ArtifactFormat
+from .formats import ArtifactFormat, block_size, takes_blocks
 from .module import ISDAExportModule
 
 _PACKAGES = ("torch", "onnx", "onnxruntime", "numpy", "opencv-python-headless")
@@ -25,6 +25,27 @@ def library_versions() -> Dict[str, str]:
 
     versions["detectron2"] = detectron2.__version__
     return versions
+
+
+def _images_input(model, fmt: ArtifactFormat, export_size: Tuple[int, int], dynamic: bool) -> Dict:
+    canvas = (
+        "(pixel - pixel_mean) / pixel_std in channel_order, zero-padded at the bottom/right to "
+        f"multiples of {model.size_divisibility}"
+    )
+    if takes_blocks(fmt.name, dynamic):
+        b = block_size(model)
+        return {
+            "shape": ["batch", 3, f"height / {b}", b, f"width / {b}", b],
+            "dtype": "float32",
+            "meaning": f"{canvas}, then to multiples of {b} (isda.export.formats.pad_canvas), "
+            f"viewed as blocks: images.view(batch, 3, height // {b}, {b}, width // {b}, {b}) "
+            "(isda.export.formats.to_blocks); the masks come back on that canvas",
+        }
+    return {
+        "shape": ["batch", 3, "height", "width"] if dynamic else [1, 3, *export_size],
+        "dtype": "float32",
+        "meaning": canvas,
+    }
 
 
 def describe(
@@ -45,12 +66,7 @@ def describe(
         # What a deployment must ship and load besides torch (None: nothing).
         "op_library": op_library() if fmt.needs_op_library else None,
         "inputs": {
-            "images": {
-                "shape": ["batch", 3, "height", "width"] if dynamic else [1, 3, *export_size],
-                "dtype": "float32",
-                "meaning": "(pixel - pixel_mean) / pixel_std in channel_order, zero-padded "
-                f"at the bottom/right to multiples of {model.size_divisibility}",
-            },
+            "images": _images_input(model, fmt, export_size, dynamic),
             "image_sizes": {
                 "shape": ["batch", 2],
                 "dtype": "int64",

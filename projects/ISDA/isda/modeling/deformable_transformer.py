@@ -14,12 +14,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.layers.wrappers import shapes_to_tensor
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import MSDeformAttn
-from ..layers.recording import recording_graph
+from ..layers.recording import recording_graph, size_tensor
 
 # Which layers recompute their forward in the backward instead of storing activations.
 CHECKPOINT_MODES = ("none", "encoder", "encoder_decoder")
@@ -100,7 +99,7 @@ def flatten_levels(
     """
     # Built from the maps' sizes (not a Python list of ints), so a traced graph keeps them symbolic.
     device = feats[0].device
-    shapes = torch.stack([shapes_to_tensor(list(f.shape[-2:]), device) for f in feats]).long()
+    shapes = torch.stack([size_tensor(f.shape[-2:], device) for f in feats])
     level_start = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
     # permute + flatten is a free view for channels-last maps (and one copy for NCHW maps).
     tokens = torch.cat([f.permute(0, 2, 3, 1).flatten(1, 2) for f in feats], 1)
