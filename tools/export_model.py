@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--dynamic",
         action="store_true",
-        help="symbolic batch, height and width (ONNX dynamic axes, torch.export Dims)",
+        help="symbolic batch, height and width (ONNX dynamic axes; torch_export: Dims on a canvas taken as 64-px blocks, see README 'Deployment')",
     )
     p.add_argument(
         "--size",

@@ -23,16 +23,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-
-from .attention_impl import NATIVE_OP, attention_impl, native_impl
 from torch import nn
 
+from .attention_impl import NATIVE_OP, attention_impl, native_impl
 from .module import INPUT_NAMES, OUTPUT_NAMES, ISDAExportModule
 
 ONNX_OPSET = 17
-# Bounds of the torch.export symbolic sizes: a batch of 1..MAX_BATCH (torch's convolution
-# selects its algorithm by batch size, a guard that holds below 16), height and width up to
-# MAX_SIDE pixels.
+# Bounds of the torch.export symbolic sizes: a batch of 1..MAX_BATCH (while tracing, torch picks
+# each convolution's backend, and with it the output layout, by testing batch < 16), height and
+# width up to MAX_SIDE pixels.
 MAX_BATCH, MAX_SIDE = 15, 8192
 # Names of the symbolic axes (ONNX dynamic axes).
 _AXES = {"images": {0: "batch", 2: "height", 3: "width"}, "image_sizes": {0: "batch"}}

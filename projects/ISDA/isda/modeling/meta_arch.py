@@ -9,12 +9,12 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.layers.wrappers import shapes_to_tensor
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import ImageList
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
+from ..layers.recording import size_tensor
 from .criterion import SetCriterion, downsample_gt_masks
 from .deformable_transformer import DeformableTransformer
 from .mask_feature_head import MaskFeatureHead
@@ -269,7 +269,7 @@ def level_padding_masks(images: ImageList, feats: List[torch.Tensor]) -> List[to
     device = images.tensor.device
     sizes = images.image_sizes
     if not isinstance(sizes, torch.Tensor):
-        sizes = torch.stack([shapes_to_tensor(list(hw), device) for hw in sizes])
+        sizes = torch.stack([size_tensor(hw, device) for hw in sizes])
     H, W = images.tensor.shape[-2:]
     rows = torch.arange(H, device=device)[None, :, None]  # (1, H, 1)
     cols = torch.arange(W, device=device)[None, None, :]  # (1, 1, W)
