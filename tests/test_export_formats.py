@@ -21,7 +21,7 @@ from onnx import numpy_helper
 
 from isda.export import ISDAExportModule
 from isda.export.attention_impl import NATIVE_OP
-from isda.export.formats import FORMATS, pad_canvas
+from isda.export.formats import FORMATS, pad_canvas, to_blocks
 from isda.export.inputs import make_batch
 from isda.export.verify import compare_detections, eager_outputs
 from isda.layers import op_library_path
@@ -243,6 +243,18 @@ def test_torch_export_at_symbolic_sizes_is_right_at_other_sizes(weights, module,
     # 160x128, 96x128 and 192x256 images, on canvases of 192x128, 128x128 and 192x256.
     prefix = (op_library_path(), "export")
     _run_elsewhere(TORCH_RUNNER, tmp_path / "model.pt2", module, tmp_path, prefix=prefix, block=64)
+
+
+def test_blocks_are_a_view_of_the_canvas_padded_to_the_block():
+    images = torch.randn(2, 3, 160, 128)
+    canvas = pad_canvas(images, 64)
+    assert canvas.shape == (2, 3, 192, 128) and torch.equal(canvas[:, :, :160], images)
+    assert not canvas[:, :, 160:].any()  # zero padding, as the model's own
+    blocks = to_blocks(canvas, 64)
+    assert blocks.shape == (2, 3, 3, 64, 2, 64) and blocks.data_ptr() == canvas.data_ptr()
+    assert torch.equal(blocks.reshape(2, 3, 192, 128), canvas)
+    with pytest.raises(ValueError, match="multiples of 64.*160x128.*pad_canvas"):
+        to_blocks(images, 64)
 
 
 def test_deploy_example_names_and_skips_a_corrupt_image(onnx_export, sample_images, tmp_path):
