@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_model.py train     [--device cpu] [--repeats 3] [--cases ...]
     .venv/bin/python benchmarks/bench_model.py scaling   [--device cpu] [--plot benchmarks/scaling.png]
     .venv/bin/python benchmarks/bench_model.py compiled  [--device cpu] [--repeats 3]
+    .venv/bin/python benchmarks/bench_model.py postprocess [--repeats 5]
 
 Both models use random weights (nothing can be downloaded here) and the same 800 x 1216 image.
 Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it returns 100 masks per image
@@ -23,6 +24,12 @@ Mask R-CNN runs with ROI_HEADS.SCORE_THRESH_TEST 0 so that, like ISDA, it return
 * scaling: ISDA inference time and peak memory against the image's short side and the query count.
 * compiled: ISDA inference with its deformable transformer under ``torch.compile`` (default inductor
   backend) against eager, same model and image; the compile time is reported apart.
+* postprocess: ISDA's mask pasting (``isda.modeling.postprocess.paste_masks``) for 100 masks of a
+  800 x 1216 input, each computed only where it can pass the threshold (eager CPU) against every
+  mask upsampled over the whole image (the path of recorded graphs and CUDA), at the input size and
+  resized to a 480 x 730 original. Random-weight models give masks that cover the whole image, so
+  the masks here are noisy discs whose areas spread from 0.1% to 10% of the image, as a trained
+  model's do; a set of whole-image masks shows the cost where nothing can be skipped.
 
 Memory (CPU) is measured in a child process per case, with glibc's mmap threshold lowered so freed
 blocks leave the RSS: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus the RSS before.
@@ -49,6 +56,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 from isda import add_isda_config
+from isda.modeling import postprocess
 from isda.modeling.criterion import SetCriterion
 from isda.modeling.mask_head import MaskHead
 from isda.solver import build_isda_optimizer
@@ -541,6 +549,46 @@ def bench_compiled(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# post-processing
+# ---------------------------------------------------------------------------------------------
+def disc_probs(n: int, hw, stride: int, seed: int = 0) -> torch.Tensor:
+    """n (H/stride, W/stride) mask probabilities: noisy discs whose areas are log-uniform between
+    0.1% and 10% of the image."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = hw[0] // stride, hw[1] // stride
+    area = 10 ** (-3 + 2 * torch.rand(n, 1, 1, generator=g)) * H * W
+    radius = (area / torch.pi).sqrt()
+    cy, cx = torch.rand(n, 1, 1, generator=g) * H, torch.rand(n, 1, 1, generator=g) * W
+    ys, xs = torch.meshgrid(torch.arange(H).float(), torch.arange(W).float(), indexing="ij")
+    dist = ((ys - cy) ** 2 + (xs - cx) ** 2).sqrt()
+    return (2 * (radius - dist) + 0.5 * torch.randn(n, H, W, generator=g)).sigmoid()
+
+
+def bench_postprocess(args):
+    hw, stride, n = tuple(args.image_size), 4, 100
+    sets = {
+        "discs, 0.1-10% of the image": disc_probs(n, hw, stride),
+        "whole-image masks": torch.rand(n, hw[0] // stride, hw[1] // stride) * 0.2 + 0.45,
+    }
+    outputs = {"at the input size": hw, "resized to 480 x 730": (480, 730)}
+    print(f"\n100 masks, input {hw[0]} x {hw[1]}, stride {stride}, fp32, median of {args.repeats}")
+    print("| masks | output | whole (ms) | windowed (ms) | whole / windowed | pixels that differ |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for set_name, probs in sets.items():
+        for out_name, out_hw in outputs.items():
+            call = (probs, stride, hw, out_hw, 0.5)
+            whole = [
+                timed(lambda: postprocess._paste_whole(*call), "cpu") for _ in range(args.repeats)
+            ]
+            windowed = [
+                timed(lambda: postprocess.paste_masks(*call), "cpu") for _ in range(args.repeats)
+            ]
+            differ = int((postprocess._paste_whole(*call) != postprocess.paste_masks(*call)).sum())
+            a, b = _median_ms(whole), _median_ms(windowed)
+            print(f"| {set_name} | {out_name} | {a:.1f} | {b:.1f} | {a / b:.2f} | {differ} |")
+
+
+# ---------------------------------------------------------------------------------------------
 def _child(argv: List[str]):
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD)
     out = subprocess.run(
@@ -571,7 +619,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "mode",
-        choices=["inference", "train", "scaling", "compiled", "train-memory", "scaling-point"],
+        choices=[
+            "inference",
+            "train",
+            "scaling",
+            "compiled",
+            "postprocess",
+            "train-memory",
+            "scaling-point",
+        ],
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
@@ -607,7 +663,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.mode in ("inference", "train", "scaling", "compiled"):
+    if args.mode in ("inference", "train", "scaling", "compiled", "postprocess"):
         print(describe_machine())
         print(cpu_bf16_support())
     {
@@ -615,6 +671,7 @@ def main(argv=None):
         "train": bench_train,
         "scaling": bench_scaling,
         "compiled": bench_compiled,
+        "postprocess": bench_postprocess,
         "train-memory": _train_memory,
         "scaling-point": _scaling_point,
     }[args.mode](args)

@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from isda.layers import MSDeformAttn, ms_deform_attn, ms_deform_attn_reference
 from isda.layers import msda_dispatch as msda
 from isda.layers import msda_native
+from isda.layers.msda_module import sampling_locations
 
 # Small multi-level maps that include the awkward cases: a 1x1 level and a 1xN level.
 SHAPES_MIXED = ((6, 4), (3, 5), (1, 1), (1, 7))
@@ -401,3 +402,28 @@ def test_module_same_output_and_grads_on_reference_and_cpu(dtype, tol):
     assert_close(outputs[1], outputs[0], **tol)
     for got, want in zip(grads[1], grads[0]):
         assert_close(got, want, **tol)
+
+
+def test_sampling_locations_are_reference_plus_offset_over_level_size():
+    """Locations = reference point + pixel offset / (W_l, H_l): the same floats as the plain
+    broadcast formula, and gradients equal up to summation order."""
+    shapes = torch.tensor([[6, 10], [3, 5], [2, 3]])
+    N, Lq, M, L, P = 2, 9, 4, len(shapes), 3
+    offsets = torch.randn(N, Lq, M, L, P, 2, requires_grad=True)
+    ref = torch.rand(N, Lq, L, 2, requires_grad=True)
+    got = sampling_locations(ref, offsets, shapes)
+    per_level = torch.stack([shapes[:, 1], shapes[:, 0]], -1).float()[None, None, None, :, None]
+    want = ref[:, :, None, :, None, :] + offsets / per_level
+    assert torch.equal(got, want)
+    upstream = torch.randn_like(want)
+    for g, w in zip(
+        torch.autograd.grad(got, (ref, offsets), upstream),
+        torch.autograd.grad(want, (ref, offsets), upstream),
+    ):
+        assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # An offset of one level width in x moves x by exactly 1 and leaves y alone.
+    step = torch.zeros(1, 1, 1, L, 1, 2)
+    step[..., 0] = shapes[:, 1].float().view(1, 1, 1, L, 1)
+    moved = sampling_locations(torch.zeros(1, 1, L, 2), step, shapes)
+    assert torch.equal(moved[..., 0], torch.ones(1, 1, 1, L, 1))
+    assert torch.equal(moved[..., 1], torch.zeros(1, 1, 1, L, 1))

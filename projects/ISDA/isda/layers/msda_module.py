@@ -12,6 +12,24 @@ from torch import nn
 from .msda_dispatch import _autocast_dtype, ms_deform_attn
 
 
+def sampling_locations(
+    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+) -> torch.Tensor:
+    """reference_points (N, Lq, L, 2) normalised (x, y), offsets (N, Lq, M, L, P, 2) in pixels of
+    each level, spatial_shapes (L, 2) (H, W) -> locations (N, Lq, M, L, P, 2) normalised.
+
+    location = reference point + offset / (W_l, H_l), element for element. Both operands are laid
+    out as rows of L * P * 2 values, so that the broadcasts run along contiguous memory: broadcast
+    over the size-P and size-2 axes instead, these two element-wise ops took as long on CPU as the
+    deformable-attention op itself.
+    """
+    P = offsets.shape[-2]
+    normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+    per_row = normalizer[:, None, :].expand(-1, P, -1).flatten()  # (L * P * 2,)
+    ref_rows = reference_points[:, :, None, :, None, :].expand(-1, -1, -1, -1, P, -1).flatten(3)
+    return (ref_rows + offsets.flatten(3) / per_row).view_as(offsets)
+
+
 class MSDeformAttn(nn.Module):
     """Each query attends to ``n_points`` learned offsets around its reference point on every level.
 
@@ -106,12 +124,7 @@ class MSDeformAttn(nn.Module):
             v = v.masked_fill(value_padding_mask[..., None], 0.0)
         v = v.view(N, -1, M, self.d_model // M)  # (N, S, M, D)
         offsets, weights = self._offsets_and_weights(query)
-        # Offsets are in pixels of each level: normalise by (W_l, H_l).
-        normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-        locations = (
-            reference_points[:, :, None, :, None, :]
-            + offsets / normalizer[None, None, None, :, None, :]
-        )  # (N, Lq, M, L, P, 2)
+        locations = sampling_locations(reference_points, offsets, spatial_shapes)
         out = ms_deform_attn(
             v, spatial_shapes, level_start_index, locations, weights, impl=self.impl
         )

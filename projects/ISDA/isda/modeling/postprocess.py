@@ -75,9 +75,19 @@ def paste_masks(
     """probs (n, H/stride, W/stride) on the padded canvas -> bool (n, *output_size).
 
     Upsample by ``stride``, crop the un-padded ``image_size`` (h, w), resize to ``output_size``, binarise.
+    Eager CPU runs compute a mask that can pass the threshold only in a small part of the image only
+    there (:func:`_paste_windowed`); graphs being recorded and other devices upsample every mask
+    whole (:func:`_paste_whole`).
     """
-    if probs.shape[0] == 0:  # split() of an empty tensor still yields one (empty) chunk
+    if probs.shape[0] == 0:
         return probs.new_zeros((0, *output_size), dtype=torch.bool)
+    if probs.device.type == "cpu" and not recording_graph():
+        return _paste_windowed(probs, stride, image_size, output_size, threshold)
+    return _paste_whole(probs, stride, image_size, output_size, threshold)
+
+
+def _paste_whole(probs, stride: int, image_size, output_size, threshold: float) -> torch.Tensor:
+    """:func:`paste_masks` by upsampling every mask over the whole image, UPSAMPLE_CHUNK at a time."""
     h, w = image_size
     out = []
     for chunk in probs.split(UPSAMPLE_CHUNK):
@@ -87,6 +97,127 @@ def paste_masks(
             m = F.interpolate(m, size=tuple(output_size), mode="bilinear", align_corners=False)
         out.append(m[0] > threshold)
     return torch.cat(out)
+
+
+# Low-resolution pixels within this margin below the threshold count as "may pass it": a bilinear
+# value is a convex combination of its inputs, but float rounding can raise it by a few ulps.
+WINDOW_MARGIN = 1e-4
+# A mask whose window covers more than this share of the image is upsampled whole, in a chunk:
+# one batched interpolation is cheaper than the per-mask crops there.
+WINDOW_MAX_SHARE = 0.5
+
+
+def _paste_windowed(probs, stride: int, image_size, output_size, threshold: float):
+    """:func:`paste_masks`, each mask computed only in the window where it can pass ``threshold``.
+
+    A bilinear value lies between its source values, so beyond the reach of the low-resolution
+    pixels above ``threshold - WINDOW_MARGIN`` every upsampled pixel stays below the threshold and
+    is False without being computed. Inside the window the stride upsampling is bit for bit that of
+    the whole image (:func:`_upsample_window`); the resize to ``output_size``, when one is needed,
+    uses F.interpolate's indices and weights (:class:`_Resize1d`) and agrees with it to float
+    rounding.
+    """
+    (h, w), (oh, ow) = image_size, tuple(output_size)
+    reach = list(_reach(probs, stride, image_size, threshold))
+    area = [(rows[1] - rows[0]) * (cols[1] - cols[0]) for rows, cols in reach]
+    whole = [i for i, a in enumerate(area) if a > WINDOW_MAX_SHARE * h * w]
+    if len(whole) == len(reach):
+        return _paste_whole(probs, stride, image_size, output_size, threshold)
+    resize = (_Resize1d(h, oh), _Resize1d(w, ow)) if (oh, ow) != (h, w) else None
+    out = torch.zeros((probs.shape[0], oh, ow), dtype=torch.bool)
+    for i, (rows, cols) in enumerate(reach):
+        if 0 < area[i] <= WINDOW_MAX_SHARE * h * w:
+            _paste_one(out[i], probs[i], stride, rows, cols, resize, threshold)
+    if whole:
+        index = torch.tensor(whole)
+        out[index] = _paste_whole(probs[index], stride, image_size, output_size, threshold)
+    return out
+
+
+def _reach(probs, stride: int, image_size, threshold: float):
+    """probs (n, H', W') -> per mask, the upsampled rows [y0, y1) and columns [x0, x1) inside the
+    image that a low-resolution pixel above ``threshold - WINDOW_MARGIN`` reaches (empty ranges
+    for a mask that cannot pass). Upsampled pixel y reads source rows floor((y + 0.5) / stride -
+    0.5) and the next one, so source rows [r0, r1] reach at most [stride (r0 - 1), stride (r1 + 2)).
+    """
+    h, w = image_size
+    active = probs > threshold - WINDOW_MARGIN
+    r0, r1 = _first_last(_any(active, 2))
+    c0, c1 = _first_last(_any(active, 1))
+    for a, b, c, d in zip(r0, r1, c0, c1):
+        if b < 0:
+            yield (0, 0), (0, 0)
+            continue
+        rows = (max(stride * (a - 1), 0), min(stride * (b + 2), h))
+        yield rows, (max(stride * (c - 1), 0), min(stride * (d + 2), w))
+
+
+def _first_last(hit: torch.Tensor):
+    """hit (n, K) bool -> two lists of n ints: the first and the last True index (-1, -1 if none)."""
+    K = hit.shape[1]
+    idx = torch.arange(K, device=hit.device)
+    first = torch.where(hit, idx, K).amin(1)
+    last = torch.where(hit, idx, -1).amax(1)
+    return torch.where(last >= 0, first, -1).tolist(), last.tolist()
+
+
+def _paste_one(out, p, stride: int, rows, cols, resize, threshold: float) -> None:
+    """Writes one mask's window into ``out`` (oh, ow) bool; p (H', W'); rows, cols: its reach."""
+    if resize is None:
+        out[rows[0] : rows[1], cols[0] : cols[1]] = (
+            _upsample_window(p, stride, rows, cols) > threshold
+        )
+        return
+    ry, rx = resize
+    (u0, u1), (v0, v1) = ry.window(*rows), rx.window(*cols)
+    if u0 >= u1 or v0 >= v1:
+        return
+    src_rows, src_cols = (int(ry.i0[u0]), int(ry.i1[u1 - 1]) + 1), (
+        int(rx.i0[v0]),
+        int(rx.i1[v1 - 1]) + 1,
+    )
+    up = _upsample_window(p, stride, src_rows, src_cols)
+    across = rx.apply(up, 1, v0, v1, src_cols[0])  # columns first, then rows, as F.interpolate
+    out[u0:u1, v0:v1] = ry.apply(across, 0, u0, u1, src_rows[0]) > threshold
+
+
+def _upsample_window(p: torch.Tensor, stride: int, rows, cols) -> torch.Tensor:
+    """p (H', W') -> its ``stride``-times upsampling on [rows) x [cols), bit for bit what
+    F.interpolate of the whole map gives there. The low-resolution crop keeps two pixels of margin
+    on each side, so the crop's own border clamping never reaches the returned values, and with a
+    power-of-two stride every source coordinate is the same float as in the whole map."""
+    (y0, y1), (x0, x1) = rows, cols
+    H, W = p.shape
+    a, b = max(y0 // stride - 2, 0), min((y1 - 1) // stride + 3, H)
+    c, d = max(x0 // stride - 2, 0), min((x1 - 1) // stride + 3, W)
+    up = F.interpolate(p[None, None, a:b, c:d], scale_factor=stride, mode="bilinear")[0, 0]
+    return up[y0 - a * stride : y1 - a * stride, x0 - c * stride : x1 - c * stride]
+
+
+class _Resize1d:
+    """One axis of F.interpolate's bilinear resize (align_corners=False) from ``size_in`` to
+    ``size_out``: destination i reads ``src = max((i + 0.5) * size_in / size_out - 0.5, 0)``
+    between sources ``i0 = floor(src)`` and ``i1 = min(i0 + 1, size_in - 1)``, weights 1 - l, l."""
+
+    def __init__(self, size_in: int, size_out: int):
+        scale = torch.tensor(size_in, dtype=torch.float32) / size_out
+        src = ((torch.arange(size_out, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+        self.i0 = src.long()
+        self.i1 = (self.i0 + 1).clamp(max=size_in - 1)
+        self.l1 = src - self.i0
+        self.l0 = 1.0 - self.l1
+
+    def window(self, lo: int, hi: int) -> Tuple[int, int]:
+        """-> [a, b): the destinations that read a source in [lo, hi) (both indices increase)."""
+        return int(torch.searchsorted(self.i1, lo)), int(torch.searchsorted(self.i0, hi))
+
+    def apply(self, x: torch.Tensor, dim: int, a: int, b: int, origin: int) -> torch.Tensor:
+        """x: sources from ``origin`` on along ``dim`` -> destinations [a, b) along ``dim``."""
+        shape = [1, 1]
+        shape[dim] = b - a
+        i0, i1 = self.i0[a:b] - origin, self.i1[a:b] - origin
+        l0, l1 = self.l0[a:b].view(shape), self.l1[a:b].view(shape)
+        return x.index_select(dim, i0) * l0 + x.index_select(dim, i1) * l1
 
 
 def instances_from_query_outputs(
