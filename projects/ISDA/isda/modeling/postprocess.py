@@ -75,11 +75,11 @@ def paste_masks(
     """probs (n, H/stride, W/stride) on the padded canvas -> bool (n, *output_size).
 
     Upsample by ``stride``, crop the un-padded ``image_size`` (h, w), resize to ``output_size``, binarise.
-    Eager CPU runs compute a mask that can pass the threshold only in a small part of the image only
-    there (:func:`_paste_windowed`); graphs being recorded and other devices upsample every mask
-    whole (:func:`_paste_whole`).
+    In eager CPU runs a mask is computed only in the part of the image where it can pass the
+    threshold (:func:`_paste_windowed`); recorded graphs and other devices upsample every mask over
+    the whole image (:func:`_paste_whole`).
     """
-    if probs.shape[0] == 0:
+    if probs.shape[0] == 0:  # split() of an empty tensor still yields one (empty) chunk
         return probs.new_zeros((0, *output_size), dtype=torch.bool)
     if probs.device.type == "cpu" and not recording_graph():
         return _paste_windowed(probs, stride, image_size, output_size, threshold)
@@ -172,10 +172,8 @@ def _paste_one(out, p, stride: int, rows, cols, resize, threshold: float) -> Non
     (u0, u1), (v0, v1) = ry.window(*rows), rx.window(*cols)
     if u0 >= u1 or v0 >= v1:
         return
-    src_rows, src_cols = (int(ry.i0[u0]), int(ry.i1[u1 - 1]) + 1), (
-        int(rx.i0[v0]),
-        int(rx.i1[v1 - 1]) + 1,
-    )
+    src_rows = (int(ry.i0[u0]), int(ry.i1[u1 - 1]) + 1)  # the sources those destinations read
+    src_cols = (int(rx.i0[v0]), int(rx.i1[v1 - 1]) + 1)
     up = _upsample_window(p, stride, src_rows, src_cols)
     across = rx.apply(up, 1, v0, v1, src_cols[0])  # columns first, then rows, as F.interpolate
     out[u0:u1, v0:v1] = ry.apply(across, 0, u0, u1, src_rows[0]) > threshold
