@@ -20,8 +20,8 @@ def sampling_locations(
 
     location = reference point + offset / (W_l, H_l), element for element. Both operands are laid
     out as rows of L * P * 2 values, so that the broadcasts run along contiguous memory: broadcast
-    over the size-P and size-2 axes instead, these two element-wise ops took as long on CPU as the
-    deformable-attention op itself.
+    over the size-P and size-2 axes instead, these two element-wise ops took nearly as long on CPU
+    as the deformable-attention op itself (benchmarks/RESULTS.md).
     """
     P = offsets.shape[-2]
     normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
