@@ -3,9 +3,9 @@
 Detectron2's ``build_resnet_backbone`` with one difference: the basic-block ResNets (R18, R34) may
 have any width, set by MODEL.RESNETS.RES2_OUT_CHANNELS (res3..res5 double it stage by stage) and
 MODEL.RESNETS.STEM_OUT_CHANNELS. Detectron2 fixes them at 64, the ImageNet models' width; a model
-trained from scratch on a small problem, like the CPU demo, learns as much per iteration at half
-the width and runs its convolutions about four times faster. Bottleneck ResNets (R50 and deeper)
-are built by Detectron2's builder itself.
+trained from scratch on a small problem, like the CPU demo, learns about as much per iteration at
+half the width, with a quarter of the multiply-adds in res2..res5 (README, "The demo"). Bottleneck
+ResNets (R50 and deeper) are built by Detectron2's builder itself.
 """
 
 from __future__ import annotations
