@@ -138,27 +138,16 @@ def _reach(probs, stride: int, image_size, threshold: float):
     """probs (n, H', W') -> per mask, the upsampled rows [y0, y1) and columns [x0, x1) inside the
     image that a low-resolution pixel above ``threshold - WINDOW_MARGIN`` reaches (empty ranges
     for a mask that cannot pass). Upsampled pixel y reads source rows floor((y + 0.5) / stride -
-    0.5) and the next one, so source rows [r0, r1] reach at most [stride (r0 - 1), stride (r1 + 2)).
+    0.5) and the next one, so source rows [r0, r1) reach at most [stride (r0 - 1), stride (r1 + 1)).
     """
     h, w = image_size
-    active = probs > threshold - WINDOW_MARGIN
-    r0, r1 = _first_last(_any(active, 2))
-    c0, c1 = _first_last(_any(active, 1))
-    for a, b, c, d in zip(r0, r1, c0, c1):
-        if b < 0:
+    boxes = mask_boxes(probs > threshold - WINDOW_MARGIN).long().tolist()  # zeros when empty
+    for x0, y0, x1, y1 in boxes:
+        if x1 == 0:
             yield (0, 0), (0, 0)
             continue
-        rows = (max(stride * (a - 1), 0), min(stride * (b + 2), h))
-        yield rows, (max(stride * (c - 1), 0), min(stride * (d + 2), w))
-
-
-def _first_last(hit: torch.Tensor):
-    """hit (n, K) bool -> two lists of n ints: the first and the last True index (-1, -1 if none)."""
-    K = hit.shape[1]
-    idx = torch.arange(K, device=hit.device)
-    first = torch.where(hit, idx, K).amin(1)
-    last = torch.where(hit, idx, -1).amax(1)
-    return torch.where(last >= 0, first, -1).tolist(), last.tolist()
+        rows = (max(stride * (y0 - 1), 0), min(stride * (y1 + 1), h))
+        yield rows, (max(stride * (x0 - 1), 0), min(stride * (x1 + 1), w))
 
 
 def _paste_one(out, p, stride: int, rows, cols, resize, threshold: float) -> None:
