@@ -90,6 +90,31 @@ def test_batch_without_ground_truth_gives_finite_losses_and_gradients():
     assert losses["loss_mask"].item() == 0 and torch.isfinite(logits.grad).all()
 
 
+def test_mask_loss_gradient_on_f_sums_every_layer_and_image():
+    """F's gradient from the losses of 3 layers x 2 images equals that of each matched mask's dice
+    computed on its own image's F, summed (the criterion shares one view of F per image)."""
+    torch.manual_seed(0)
+    D, B, Q, K, E = 3, 2, 4, 3, 5
+    logits, kernels = torch.randn(D, B, Q, K), torch.randn(D, B, Q, E)
+    mfr = torch.randn(B, E, 6, 7, requires_grad=True)
+    targets = [
+        {"labels": torch.tensor([1, 0]), "masks": torch.rand(2, 6, 7)},
+        {"labels": torch.tensor([2]), "masks": torch.rand(1, 6, 7)},
+    ]
+    crit = SetCriterion(HungarianMatcher(), K, class_weight=0.0, mask_weight=1.0)
+    sum(crit(logits, kernels, mfr, targets).values()).backward()
+    ref_mfr = mfr.detach().clone().requires_grad_()
+    total = 0.0
+    for i in range(D):
+        masks = MaskHead.mask_logits(kernels[i], ref_mfr.detach())
+        for b, (q, g) in enumerate(crit.matcher(logits[i], masks, targets)):
+            pred = MaskHead.mask_logits(kernels[i, b, q], ref_mfr[b]).flatten(1).sigmoid()
+            total = total + dice_loss(pred, targets[b]["masks"][g].flatten(1)).sum() / 3.0
+    total.backward()
+    assert mfr.grad.abs().sum() > 0
+    torch.testing.assert_close(mfr.grad, ref_mfr.grad, rtol=1e-5, atol=1e-6)
+
+
 def _mask_loss_grad_on_reference(kernel_ref: bool, detach: bool):
     head = MaskHead(
         dim=8, num_classes=2, kernel_dim=6, num_layers=1, kernel_ref=kernel_ref, ref_detach=detach

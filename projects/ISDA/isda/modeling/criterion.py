@@ -98,22 +98,30 @@ class SetCriterion(nn.Module):
             ``loss_cls``/``loss_mask`` of the last layer and ``loss_cls_i``/``loss_mask_i`` of layer i < D-1.
         """
         num_masks = average_num_masks(targets, logits.device)
+        # One view per image, shared by every layer's mask loss: the backward then stacks their
+        # gradients into F once, where indexing F per image and layer would add a zero-padded
+        # full-size gradient for every (layer, image) pair.
+        mfr_images = mfr.unbind(0)
         layers = range(len(logits)) if self.deep_supervision else [len(logits) - 1]
         losses = {}
         for i in layers:
             suffix = "" if i == len(logits) - 1 else f"_{i}"
-            layer = self.layer_losses(logits[i], kernels[i], mfr, targets, num_masks)
+            layer = self.layer_losses(logits[i], kernels[i], mfr, mfr_images, targets, num_masks)
             losses.update({name + suffix: value for name, value in layer.items()})
         return losses
 
-    def layer_losses(self, logits, kernels, mfr, targets, num_masks) -> Dict[str, torch.Tensor]:
+    def layer_losses(
+        self, logits, kernels, mfr, mfr_images, targets, num_masks
+    ) -> Dict[str, torch.Tensor]:
+        """One decoder layer: logits (B, Q, K), kernels (B, Q, E), mfr (B, E, h, w) and the same
+        as B views (E, h, w) -> ``{"loss_cls", "loss_mask"}``."""
         with torch.no_grad():
             all_masks = MaskHead.mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
         indices = self.matcher(logits, all_masks, targets)
         return {
             "loss_cls": self.class_weight * self.class_loss(logits, targets, indices) / num_masks,
             "loss_mask": self.mask_weight
-            * self.mask_loss(kernels, mfr, targets, indices)
+            * self.mask_loss(kernels, mfr_images, targets, indices)
             / num_masks,
         }
 
@@ -126,14 +134,15 @@ class SetCriterion(nn.Module):
             logits.float(), onehot.float(), self.alpha, self.gamma, reduction="sum"
         )
 
-    def mask_loss(self, kernels, mfr, targets, indices) -> torch.Tensor:
-        """Mask loss of the matched queries only, recomputing just their dynamic convolutions."""
+    def mask_loss(self, kernels, mfr_images, targets, indices) -> torch.Tensor:
+        """Mask loss of the matched queries only, recomputing just their dynamic convolutions:
+        kernels (B, Q, E), mfr_images B maps (E, h, w)."""
         total = kernels.sum() * 0.0  # keeps the graph connected when the batch has no GT at all
         for b, (q, g) in enumerate(indices):
             if len(q) == 0:
                 continue
             k = kernels[b, q.to(kernels.device)]  # (n, E)
-            pred = MaskHead.mask_logits(k, mfr[b]).flatten(1).float().sigmoid()  # (n, h*w)
+            pred = MaskHead.mask_logits(k, mfr_images[b]).flatten(1).float().sigmoid()  # (n, h*w)
             gt = targets[b]["masks"][g.to(kernels.device)].flatten(1)  # (n, h*w)
             total = total + self.mask_loss_fn(pred, gt).sum()
         return total
