@@ -307,7 +307,7 @@ class ReleasedCodeCriterion(SetCriterion):
     unmatched ones by zero. Same value as SetCriterion, kept here only as the 'before' of the table.
     """
 
-    def layer_losses(self, logits, kernels, mfr, targets, num_masks):
+    def layer_losses(self, logits, kernels, mfr, mfr_images, targets, num_masks):
         all_masks = MaskHead.mask_logits(kernels, mfr)  # (B, Q, h, w), with gradient
         indices = self.matcher(logits, all_masks.detach(), targets)
         total = all_masks.sum() * 0.0
