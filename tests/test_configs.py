@@ -49,6 +49,7 @@ def test_config_loads_and_its_model_builds(config, tmp_path):
         (["MODEL.ISDA.MFR_STRIDE", 16], "MFR_STRIDE"),
         (["MODEL.ISDA.MFR_COORD", "everywhere"], "MFR_COORD"),
         (["MODEL.ISDA.MASK_LOSS", "bce"], "MASK_LOSS"),
+        (["MODEL.ISDA.MASK_BCE_WEIGHT", -1.0], "MASK_BCE_WEIGHT"),
         (["MODEL.ISDA.TWO_STAGE", True], "TWO_STAGE"),
         (["MODEL.ISDA.NHEADS", 5], "HIDDEN_DIM"),
         (["MODEL.ISDA.DEC_LAYERS", 0], "DEC_LAYERS"),

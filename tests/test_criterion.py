@@ -38,12 +38,18 @@ def test_bilinear_gt_downsampling_averages_the_centre_pixels():
     assert set(nearest.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_criterion_matches_a_hand_computation():
-    # One layer, one image, two queries, two classes, two MFR channels over a 1 x 2 map.
-    logits = torch.tensor([[[[2.0, -1.0], [-3.0, 0.5]]]])  # (D=1, B=1, Q=2, K=2)
-    kernels = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])  # (1, 1, 2, E=2)
-    mfr = torch.tensor([[[[3.0, -3.0]], [[-3.0, 3.0]]]])  # (B=1, E=2, 1, 2)
+def hand_case():
+    """One layer, one image, two queries, two classes, two MFR channels over a 1 x 2 map:
+    -> logits (D=1, B=1, Q=2, K=2), kernels (1, 1, 2, E=2), mfr (B=1, E=2, 1, 2), targets."""
+    logits = torch.tensor([[[[2.0, -1.0], [-3.0, 0.5]]]])
+    kernels = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    mfr = torch.tensor([[[[3.0, -3.0]], [[-3.0, 3.0]]]])
     targets = [{"labels": torch.tensor([0]), "masks": torch.tensor([[[1.0, 0.0]]])}]
+    return logits, kernels, mfr, targets
+
+
+def test_criterion_matches_a_hand_computation():
+    logits, kernels, mfr, targets = hand_case()
     crit = SetCriterion(HungarianMatcher(), num_classes=2, class_weight=2.0, mask_weight=3.0)
     losses = crit(logits, kernels, mfr, targets)
     # Query 0 predicts class 0 and mask [sigmoid(3), sigmoid(-3)]: it must be the match.
@@ -133,3 +139,16 @@ def test_with_kp_the_mask_loss_reaches_the_reference_points():
     assert grad is not None and grad.abs().sum() > 0
     assert _mask_loss_grad_on_reference(kernel_ref=True, detach=True) is None
     assert _mask_loss_grad_on_reference(kernel_ref=False, detach=False) is None
+
+
+def test_mask_bce_term_is_the_mean_pixel_bce_of_the_matched_mask():
+    logits, kernels, mfr, targets = hand_case()  # with MODEL.ISDA.MASK_BCE_WEIGHT > 0 below
+    without = SetCriterion(HungarianMatcher(), num_classes=2)(logits, kernels, mfr, targets)
+    crit = SetCriterion(HungarianMatcher(), num_classes=2, bce_weight=5.0)
+    losses = crit(logits, kernels, mfr, targets)
+    # Query 0's mask logits are (3, -3) against the target (1, 0): -log(sigmoid(3)) per pixel.
+    assert math.isclose(
+        losses["loss_mask_bce"].item(), 5.0 * math.log1p(math.exp(-3.0)), rel_tol=1e-5
+    )
+    assert "loss_mask_bce" not in without  # weight 0 (the released recipe): no term at all
+    assert losses["loss_mask"].item() == without["loss_mask"].item()

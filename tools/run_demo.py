@@ -204,7 +204,8 @@ def read_metrics(metrics_file):
 def plot_metrics(metrics_file, out_png):
     """Plots total training loss and bbox/segm AP against iteration into one PNG."""
     entries = read_metrics(metrics_file)
-    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4))
+    # One iteration axis for both: a single evaluation (at the end) then sits where it belongs.
+    fig, (ax_loss, ax_ap) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     loss = [(e["iteration"], e["total_loss"]) for e in entries if "total_loss" in e]
     if loss:
         ax_loss.plot(*zip(*loss), label="total_loss")

@@ -61,6 +61,7 @@ def add_isda_config(cfg):
 
     m.CLASS_WEIGHT = 2.0  # lambda_cls, focal loss weight (paper: 1.0)
     m.MASK_WEIGHT = 3.0  # lambda_mask, mask loss weight
+    m.MASK_BCE_WEIGHT = 0.0  # weight of a per-pixel BCE on the matched masks (0: off, as released)
     m.MASK_LOSS = "dice"  # "dice" (squared V-Net dice, code) or "iou" (soft 1 - IoU, paper)
     m.FOCAL_ALPHA = 0.25  # focal loss / cost alpha
     m.FOCAL_GAMMA = 2.0  # focal loss / cost gamma
@@ -211,7 +212,14 @@ def _validate_depth_and_mfr(m, check) -> None:
 
 
 def _validate_losses(m, check) -> None:
-    for key in ("CLASS_WEIGHT", "MASK_WEIGHT", "COST_CLASS", "COST_MASK", "FOCAL_GAMMA"):
+    for key in (
+        "CLASS_WEIGHT",
+        "MASK_WEIGHT",
+        "MASK_BCE_WEIGHT",
+        "COST_CLASS",
+        "COST_MASK",
+        "FOCAL_GAMMA",
+    ):
         check(m.get(key) >= 0, f"MODEL.ISDA.{key}={m.get(key)} must be >= 0")
     check(0.0 <= m.FOCAL_ALPHA <= 1.0, f"MODEL.ISDA.FOCAL_ALPHA={m.FOCAL_ALPHA} must be in [0, 1]")
     check(

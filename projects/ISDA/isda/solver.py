@@ -28,7 +28,8 @@ def with_full_model_grad_clip(
     class FullModelGradClip(optim_cls):
         def step(self, closure=None):
             params = [p for group in self.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+            foreach = self.defaults.get("foreach")  # the same choice as the update itself
+            torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type, foreach=foreach)
             return super().step(closure=closure)
 
     FullModelGradClip.__name__ = optim_cls.__name__ + "WithFullModelGradClip"
@@ -43,13 +44,15 @@ def build_isda_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         lr_factor_func=lr_factor_by_name(cfg.SOLVER.LR_MULTIPLIER_NAMES, cfg.SOLVER.LR_MULTIPLIER),
     )
+    # foreach: multi-tensor calls over all parameters instead of a Python loop over them. torch
+    # picks it by itself only on CUDA; on CPU it takes the demo's optimizer step over 275 small
+    # tensors from 63 to 42 ms (benchmarks/RESULTS.md), with identical weights.
+    kwargs = {"lr": cfg.SOLVER.BASE_LR, "foreach": True}
     if cfg.SOLVER.OPTIMIZER == "ADAMW":
-        optim_cls, kwargs = torch.optim.AdamW, {"lr": cfg.SOLVER.BASE_LR}
+        optim_cls = torch.optim.AdamW
     else:
-        optim_cls, kwargs = torch.optim.SGD, {
-            "lr": cfg.SOLVER.BASE_LR,
-            "momentum": cfg.SOLVER.MOMENTUM,
-        }
+        optim_cls = torch.optim.SGD
+        kwargs["momentum"] = cfg.SOLVER.MOMENTUM
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
         optim_cls = with_full_model_grad_clip(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)

@@ -1,6 +1,7 @@
 """Set criterion (paper Sec. 3.3; released code: mmdet/models/dense_heads/isda_head.py,
 ISDAHead.loss_single): focal classification loss over all queries plus a mask loss on the matched
-queries, for every decoder layer (deep supervision, equal weights).
+queries, for every decoder layer (deep supervision, equal weights). An optional per-pixel BCE on
+the matched masks (``bce_weight``; 0 in the released code) can join the mask loss.
 
 Ground-truth targets are built once per batch at MFR resolution and shared by all layers. Matching uses
 all Q masks (without gradient), but the mask loss only recomputes the matched ones, since unmatched
@@ -78,6 +79,7 @@ class SetCriterion(nn.Module):
         alpha: float = 0.25,
         gamma: float = 2.0,
         deep_supervision: bool = True,
+        bce_weight: float = 0.0,
     ):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
@@ -88,6 +90,7 @@ class SetCriterion(nn.Module):
         self.class_weight, self.mask_weight = class_weight, mask_weight
         self.mask_loss_fn = dice_loss if mask_loss == "dice" else soft_iou_loss
         self.alpha, self.gamma, self.deep_supervision = alpha, gamma, deep_supervision
+        self.bce_weight = bce_weight
 
     def forward(self, logits, kernels, mfr, targets) -> Dict[str, torch.Tensor]:
         """
@@ -118,12 +121,14 @@ class SetCriterion(nn.Module):
         with torch.no_grad():
             all_masks = MaskHead.mask_logits(kernels.detach(), mfr.detach())  # (B, Q, h, w)
         indices = self.matcher(logits, all_masks, targets)
-        return {
+        mask_loss, bce_loss = self.mask_loss(kernels, mfr_images, targets, indices)
+        losses = {
             "loss_cls": self.class_weight * self.class_loss(logits, targets, indices) / num_masks,
-            "loss_mask": self.mask_weight
-            * self.mask_loss(kernels, mfr_images, targets, indices)
-            / num_masks,
+            "loss_mask": self.mask_weight * mask_loss / num_masks,
         }
+        if self.bce_weight > 0:
+            losses["loss_mask_bce"] = self.bce_weight * bce_loss / num_masks
+        return losses
 
     def class_loss(self, logits, targets, indices) -> torch.Tensor:
         """Sigmoid focal loss over all B x Q x K logits; background rows are all-zero targets."""
@@ -134,15 +139,22 @@ class SetCriterion(nn.Module):
             logits.float(), onehot.float(), self.alpha, self.gamma, reduction="sum"
         )
 
-    def mask_loss(self, kernels, mfr_images, targets, indices) -> torch.Tensor:
-        """Mask loss of the matched queries only, recomputing just their dynamic convolutions:
-        kernels (B, Q, E), mfr_images B maps (E, h, w)."""
+    def mask_loss(self, kernels, mfr_images, targets, indices):
+        """Mask losses of the matched queries only, recomputing just their dynamic convolutions:
+        kernels (B, Q, E), mfr_images B maps (E, h, w) -> (sum of the dice/IoU loss, sum of the
+        per-mask mean pixel BCE; 0 when its weight is 0), both scalars over the matched masks."""
         total = kernels.sum() * 0.0  # keeps the graph connected when the batch has no GT at all
+        bce = total
         for b, (q, g) in enumerate(indices):
             if len(q) == 0:
                 continue
             k = kernels[b, q.to(kernels.device)]  # (n, E)
-            pred = MaskHead.mask_logits(k, mfr_images[b]).flatten(1).float().sigmoid()  # (n, h*w)
+            logits = MaskHead.mask_logits(k, mfr_images[b]).flatten(1).float()  # (n, h*w)
             gt = targets[b]["masks"][g.to(kernels.device)].flatten(1)  # (n, h*w)
-            total = total + self.mask_loss_fn(pred, gt).sum()
-        return total
+            total = total + self.mask_loss_fn(logits.sigmoid(), gt).sum()
+            if self.bce_weight > 0:
+                bce = (
+                    bce
+                    + F.binary_cross_entropy_with_logits(logits, gt, reduction="none").mean(1).sum()
+                )
+        return total, bce

@@ -144,6 +144,7 @@ class ISDA(nn.Module):
             alpha=m.FOCAL_ALPHA,
             gamma=m.FOCAL_GAMMA,
             deep_supervision=m.DEEP_SUPERVISION,
+            bce_weight=m.MASK_BCE_WEIGHT,
         )
         return {
             "backbone": backbone,
