@@ -31,10 +31,10 @@ sys.path.insert(0, REPO)
 from train_net import Trainer, setup  # noqa: E402
 from bench_ms_deform_attn import describe_machine  # noqa: E402
 from detectron2.engine import default_argument_parser  # noqa: E402
-from isda.data.synthetic import (
+from isda.data.synthetic import (  # noqa: E402
     generate_synthetic_dataset,
     register_synthetic_datasets,
-)  # noqa: E402
+)
 
 DEMO_CONFIG = os.path.join(REPO, "configs", "ISDA-Demo.yaml")
 
