@@ -78,9 +78,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = demo_cfg(args.opts)
-    root = os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "isda_synth")
-    generate_synthetic_dataset(root, splits=["train"])
-    register_synthetic_datasets(root)
+    generate_synthetic_dataset(splits=["train"])  # the default root, as make demo's
+    register_synthetic_datasets()
     loader = iter(Trainer.build_train_loader(cfg))
     batches = [next(loader) for _ in range(args.repeats + 2)]
     torch.manual_seed(0)
