@@ -1,7 +1,9 @@
 """The demo pipeline (tools/run_demo.py) and the image demo (demo.py), run for real on tiny sizes."""
 
+import contextlib
 import glob
 import importlib.util
+import io
 import os
 import re
 import subprocess
@@ -50,7 +52,8 @@ TINY_OPTS = [
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One tiny demo run: its output folder (relative, as the default output/demo is) and results."""
+    """One tiny demo run: its output folder (relative, as the default output/demo is), dataset
+    root, arguments, results and what it printed."""
     root = tmp_path_factory.mktemp("demo")
     out, data = os.path.relpath(root / "out"), str(root / "data")
     argv = [
@@ -61,13 +64,14 @@ def demo_run(tmp_path_factory):
         "--num-vis", "2",
         "--num-threads", str(torch.get_num_threads()),  # leave the session's setting as it is
     ]  # fmt: skip
-    results = run_demo.main(argv + TINY_OPTS)
-    yield out, data, argv, results
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        results = run_demo.main(argv + TINY_OPTS)
+    yield out, data, argv, results, printed.getvalue()
     register_synthetic_datasets()  # back to the default root for later tests
 
 
 def test_demo_writes_model_metrics_curves_and_side_by_side_pngs(demo_run):
-    out, _, _, results = demo_run
+    out, _, _, results, _ = demo_run
     assert os.path.isfile(os.path.join(out, run_demo.FINAL_MODEL))
     assert {"bbox", "segm"} <= set(results)
     pngs = sorted(os.listdir(os.path.join(out, "visualizations")))
@@ -90,8 +94,25 @@ def test_metrics_file_has_loss_and_ap_during_training(demo_run):
     assert len(ap_iters) == 2  # EVAL_PERIOD 2 of MAX_ITER 4
 
 
+def test_wall_time_counts_the_evaluations_run_inside_training_as_evaluation(demo_run):
+    # EVAL_PERIOD 2 of MAX_ITER 4: both evaluations run inside train(), none after it.
+    line = next(x for x in demo_run[4].splitlines() if x.startswith("Wall time:"))
+    number = r"(\d+\.\d) s"
+    found = re.fullmatch(
+        rf"Wall time: (\d+) min (\d+) s \(data {number}, training {number}, "
+        rf"evaluation {number}, pictures {number}\)",
+        line,
+    )
+    assert found, line
+    total = 60 * int(found[1]) + int(found[2])
+    data, training, evaluation, pictures = (float(x) for x in found.groups()[2:])
+    assert evaluation > 0 and training > 0
+    # The phases cover the run; each is rounded to 0.1 s and the total to whole seconds.
+    assert abs(data + training + evaluation + pictures - total) <= 0.7
+
+
 def test_demo_reuses_data_and_finished_model_unless_retrain(demo_run):
-    out, data, argv, _ = demo_run
+    out, data, argv, _, _ = demo_run
     model = os.path.join(out, run_demo.FINAL_MODEL)
     data_json = os.path.join(data, "annotations", "instances_train.json")
     stamps = os.stat(model).st_mtime_ns, os.stat(data_json).st_mtime_ns
@@ -121,7 +142,7 @@ def test_demo_reuses_data_and_finished_model_unless_retrain(demo_run):
 
 
 def test_prediction_panel_shows_the_class_names_and_scores_the_model_returned(demo_run, tmp_path):
-    out, _, argv, _ = demo_run
+    out, _, argv, _, _ = demo_run
     cfg = run_demo.build_cfg(run_demo.parse_args(argv + TINY_OPTS))
     # All of the model's top 5 per image are drawn; an untrained model's scores are low.
     cfg.defrost()
