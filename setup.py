@@ -58,6 +58,19 @@ def _cuda_build_decision():
     return True, f"GPU visible and nvcc {nvcc_major}.x matches torch CUDA {torch.version.cuda}"
 
 
+def _cuda_library_includes(cuda_home):
+    """Header folders of the CUDA libraries that torch's headers include (cuSPARSE, cuBLAS, ...),
+    after the toolkit's own. A pip-installed torch brings those libraries as ``nvidia-*`` wheels
+    with their headers, and a minimal toolkit (nvcc and the runtime only) lacks them; the toolkit
+    is listed first so that the headers it does have come from it, matching its nvcc."""
+    spec = importlib.util.find_spec("nvidia")
+    wheel_dirs = []
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        wheel_dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    toolkit = [os.path.join(cuda_home, "include")] if cuda_home else []
+    return toolkit + wheel_dirs
+
+
 def get_extensions():
     """The native deformable-attention op ``isda._C``; the package works without it (reference
     path). Builds the CUDA kernels too when :func:`_cuda_build_decision` allows it."""
@@ -67,7 +80,7 @@ def get_extensions():
     )
     if not sources:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cuda_sources = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     build_cuda, reason = _cuda_build_decision()
@@ -76,7 +89,7 @@ def get_extensions():
         ext = CUDAExtension(
             "isda._C",
             sources + cuda_sources,
-            include_dirs=[os.path.abspath(csrc)],
+            include_dirs=[os.path.abspath(csrc)] + _cuda_library_includes(CUDA_HOME),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
         )

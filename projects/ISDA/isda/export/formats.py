@@ -1,7 +1,11 @@
 """Artifact formats: how each one is written from an :class:`ISDAExportModule` and run again.
 
 * ``onnx``: opset 17; deformable attention as ``GridSample`` and friends, so stock onnxruntime runs
-  it with no custom operator.
+  it with no custom operator. Written by torch's TorchScript-based exporter (``dynamo=False`` where
+  torch has the switch, 2.5 on): the reference attention reads each level's size from the
+  ``spatial_shapes`` tensor, which a trace records as data flow, while ``torch.export`` (under the
+  default exporter of torch >= 2.9) makes such values unbacked symbols and fails on the ``narrow``
+  of each level (docs/DEPLOYMENT.md).
 * ``torchscript``: ``torch.jit.trace``; deformable attention as the registered operator
   ``torch.ops.isda.ms_deform_attn``, so loading needs the op library. The model takes every size
   from its input tensors, so the trace is right at every input size.
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -51,6 +56,11 @@ class ArtifactFormat:
     needs_op_library: bool  # whether the artifact calls the native operator of isda._C
 
 
+def _legacy_exporter() -> Dict[str, bool]:
+    """The keyword that selects the TorchScript-based ONNX exporter on torches that have a choice."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
 def _export_onnx(module, inputs, path, dynamic):
     axes = {**_AXES, **{n: {0: "batch"} for n in OUTPUT_NAMES}, **_OUT_AXES}
     with torch.no_grad(), attention_impl(module, "reference"):
@@ -62,6 +72,7 @@ def _export_onnx(module, inputs, path, dynamic):
             input_names=list(INPUT_NAMES),
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=axes if dynamic else None,
+            **_legacy_exporter(),
         )
 
 

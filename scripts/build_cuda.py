@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Compiles ``isda._C`` with its CUDA kernels for a list of GPU architectures, without a GPU
+(``make build-cuda``), and reads the compiled architectures back from the library.
+
+    python scripts/build_cuda.py --archs "8.0;9.0;10.0;12.0+PTX" --build-dir build/cuda
+
+The build goes to ``BUILD_DIR`` (``lib/`` holds the library, ``build.log`` the compiler's output);
+the environment's installed ``isda`` is not touched. It fails, with one message, when nvcc is
+missing under ``CUDA_HOME``, when its CUDA major differs from torch's, when the compiler prints a
+warning, or when the library lacks one of the requested architectures (``cuobjdump``, from the
+``nvidia-cuda-cuobjdump`` wheel or the toolkit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Compiler output lines that are warnings (gcc, nvcc, ptxas, cudafe).
+WARNING = re.compile(r"warning", re.IGNORECASE)
+
+
+class BuildError(RuntimeError):
+    """The CUDA build cannot run here, failed, or does not hold what was asked for."""
+
+
+def parse_archs(spec: str):
+    """``"8.0;9.0;12.0+PTX"`` -> (["sm_80", "sm_90", "sm_120"], ["compute_120"])."""
+    elf, ptx = [], []
+    for item in filter(None, re.split(r"[;\s]+", spec)):
+        match = re.fullmatch(r"(\d+)\.(\d+)(\+PTX)?", item)
+        if not match:
+            raise BuildError(f"--archs: {item!r} is not of the form 9.0 or 12.0+PTX")
+        code = match.group(1) + match.group(2)
+        elf.append(f"sm_{code}")
+        if match.group(3):
+            ptx.append(f"compute_{code}")
+    if not elf:
+        raise BuildError("--archs names no architecture")
+    return elf, ptx
+
+
+def check_toolkit():
+    """(nvcc path, CUDA version); raises when nvcc is missing or its major is not torch's."""
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None:
+        raise BuildError(f"torch {torch.__version__} is a CPU-only build: it has no CUDA to build for")
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    if not nvcc or not os.path.isfile(nvcc):
+        raise BuildError(
+            f"nvcc was not found (CUDA_HOME={CUDA_HOME}). Install the CUDA {torch.version.cuda} "
+            "toolkit and set CUDA_HOME to it."
+        )
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    if not match:
+        raise BuildError(f"{nvcc} --version did not say its release:\n{out}")
+    if match.group(1) != torch.version.cuda.split(".")[0]:
+        raise BuildError(
+            f"{nvcc} is CUDA {match.group(1)}.{match.group(2)}, torch {torch.__version__} is built "
+            f"with CUDA {torch.version.cuda}: the majors must match. Point CUDA_HOME at a CUDA "
+            f"{torch.version.cuda.split('.')[0]}.x toolkit."
+        )
+    return nvcc, f"{match.group(1)}.{match.group(2)}"
+
+
+def compile_library(archs: str, build_dir: str) -> str:
+    """Runs setup.py build_ext into ``build_dir``; returns the library's path."""
+    log_path = os.path.join(build_dir, "build.log")
+    shutil.rmtree(os.path.join(build_dir, "lib"), ignore_errors=True)
+    os.makedirs(build_dir, exist_ok=True)
+    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=archs)
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    cmd = [sys.executable, "setup.py", "build_ext", "--build-temp", os.path.join(build_dir, "temp")]
+    cmd += ["--build-lib", os.path.join(build_dir, "lib")]
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = "".join(f.readlines()[-30:])
+        raise BuildError(f"the CUDA build failed (full log: {log_path}):\n{tail}")
+    (library,) = glob.glob(os.path.join(build_dir, "lib", "isda", "_C*.so"))
+    return library
+
+
+def compiler_warnings(build_dir: str):
+    """The warning lines of the compiler's output in ``build_dir/build.log``."""
+    with open(os.path.join(build_dir, "build.log")) as f:
+        return [line.rstrip() for line in f if WARNING.search(line)]
+
+
+def find_cuobjdump() -> str:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [shutil.which("cuobjdump")]
+    candidates += [os.path.join(CUDA_HOME, "bin", "cuobjdump")] if CUDA_HOME else []
+    for base in sys.path:
+        candidates += glob.glob(os.path.join(base, "nvidia", "*", "bin", "cuobjdump"))
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    raise BuildError("cuobjdump was not found: pip install nvidia-cuda-cuobjdump (or the toolkit's)")
+
+
+def compiled_archs(library: str):
+    """(ELF archs, PTX archs) embedded in ``library``, as cuobjdump lists them."""
+    tool = find_cuobjdump()
+    listed = {}
+    for kind in ("elf", "ptx"):
+        out = subprocess.run([tool, f"--list-{kind}", library], capture_output=True, text=True)
+        listed[kind] = sorted(set(re.findall(r"\.((?:sm|compute)_\d+a?)\.", out.stdout)))
+    return listed["elf"], listed["ptx"]
+
+
+def build(archs: str, build_dir: str) -> dict:
+    """Checks the toolkit, compiles, and checks the result; returns what was built."""
+    want_elf, want_ptx = parse_archs(archs)
+    nvcc, cuda = check_toolkit()
+    print(f"build-cuda: nvcc {cuda} ({nvcc}), archs {archs} -> {build_dir}", flush=True)
+    start = time.monotonic()
+    library = compile_library(archs, build_dir)
+    seconds = time.monotonic() - start
+    warnings = compiler_warnings(build_dir)
+    if warnings:
+        raise BuildError(f"the compiler printed {len(warnings)} warning(s):\n" + "\n".join(warnings))
+    elf, ptx = compiled_archs(library)
+    missing = sorted(set(want_elf) - set(elf)) + sorted(set(want_ptx) - set(ptx))
+    if missing:
+        raise BuildError(f"{library} lacks {', '.join(missing)} (it has ELF {elf}, PTX {ptx})")
+    return {"library": library, "elf": elf, "ptx": ptx, "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--archs", default="8.0;9.0;10.0;12.0+PTX", help="TORCH_CUDA_ARCH_LIST form")
+    p.add_argument("--build-dir", default=os.path.join(ROOT, "build", "cuda"), metavar="DIR")
+    args = p.parse_args(argv)
+    try:
+        result = build(args.archs, os.path.abspath(args.build_dir))
+    except BuildError as e:
+        print(f"build-cuda: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"build-cuda: {result['library']} in {result['seconds']:.0f} s, no compiler warnings; "
+        f"ELF {' '.join(result['elf'])}; PTX {' '.join(result['ptx']) or 'none'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
