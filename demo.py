@@ -27,6 +27,7 @@ from PIL import UnidentifiedImageError
 import isda.data  # noqa: F401  (registers the synthetic datasets, whose metadata names classes)
 from isda import add_isda_config
 from isda.visualization import draw_predictions
+from isda.weights import WeightsError, check_weights_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("isda.demo")
@@ -66,10 +67,17 @@ def setup_cfg(args):
             "MODEL.DEVICE=%s but CUDA is not available: running on CPU", cfg.MODEL.DEVICE
         )
         cfg.MODEL.DEVICE = "cpu"
-    if not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
     cfg.freeze()
     return cfg
+
+
+def check_weights(cfg) -> None:
+    """Refuses, before any model is built, a MODEL.WEIGHTS that cannot be trained weights. The
+    predictor then refuses unsafe or incomplete files itself (isda.weights)."""
+    if cfg.MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS and not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
+    elif "://" not in cfg.MODEL.WEIGHTS:
+        check_weights_path(cfg.MODEL.WEIGHTS)
 
 
 def expand_inputs(patterns):
@@ -123,6 +131,7 @@ def run(args):
     files, failed = expand_inputs(args.input)
     for pattern in failed:
         logger.error("No such file, folder or matching image: %s", pattern)
+    check_weights(cfg)
     predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)
@@ -159,7 +168,11 @@ def main(argv=None):
     setup_logger(name="isda")
     setup_logger(name="detectron2", abbrev_name="d2")
     args = parse_args(argv)
-    failed = run(args)
+    try:
+        failed = run(args)
+    except WeightsError as e:
+        logger.error("error: %s", e)
+        return 2
     if failed:
         logger.error("%d input(s) failed: %s", len(failed), ", ".join(failed))
         return 1

@@ -10,6 +10,7 @@ Bad samples, kills and non-finite losses are handled as README "Failure behaviou
 """
 
 import os
+import sys
 import weakref
 
 import torch
@@ -35,8 +36,9 @@ from isda.engine import (
     SafeDetectionCheckpointer,
     SkippedImageFilter,
     cpu_ddp_without_device_ids,
+    load_inference_weights,
 )
-from isda.file_io import UNSAFE_PICKLE_ENV
+from isda.weights import UNSAFE_PICKLE_ENV, WeightsError
 from isda.solver import build_isda_optimizer
 
 
@@ -121,9 +123,10 @@ def main(args):
     configure_cpu_threads(cfg)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        # --resume evaluates OUTPUT_DIR's last checkpoint when there is one, as training resumes.
+        last = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        path = last.get_checkpoint_file() if args.resume and last.has_checkpoint() else None
+        load_inference_weights(model, cfg, path)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)
@@ -148,14 +151,18 @@ def invoke_main() -> None:
     print("Command Line Args:", args)
     if args.unsafe_pickle:
         os.environ[UNSAFE_PICKLE_ENV] = "1"  # read by every process's checkpointer
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except WeightsError as e:  # a bad MODEL.WEIGHTS is the user's to fix: one line, no traceback
+        print(f"train_net.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

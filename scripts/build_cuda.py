@@ -47,17 +47,34 @@ def parse_archs(spec: str):
     return elf, ptx
 
 
-def check_toolkit():
+def _is_toolkit(path) -> bool:
+    return bool(path) and all(
+        os.path.isfile(os.path.join(path, *part)) for part in (("bin", "nvcc"), ("include", "cuda.h"))
+    )
+
+
+def find_cuda_home():
+    """The toolkit to build with: ``CUDA_HOME`` (or ``CUDA_PATH``) when set, else the first real
+    toolkit (nvcc and headers) among /usr/local/cuda and torch's guess. torch guesses from the
+    ``nvcc`` on PATH, which is a wrapper script outside the toolkit on some machines."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit
+    return next((p for p in ("/usr/local/cuda", CUDA_HOME) if _is_toolkit(p)), CUDA_HOME)
+
+
+def check_toolkit(cuda_home):
     """(nvcc path, CUDA version); raises when nvcc is missing or its major is not torch's."""
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
     if torch.version.cuda is None:
         raise BuildError(f"torch {torch.__version__} is a CPU-only build: it has no CUDA to build for")
-    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     if not nvcc or not os.path.isfile(nvcc):
         raise BuildError(
-            f"nvcc was not found (CUDA_HOME={CUDA_HOME}). Install the CUDA {torch.version.cuda} "
+            f"nvcc was not found (CUDA_HOME={cuda_home}). Install the CUDA {torch.version.cuda} "
             "toolkit and set CUDA_HOME to it."
         )
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
@@ -73,12 +90,12 @@ def check_toolkit():
     return nvcc, f"{match.group(1)}.{match.group(2)}"
 
 
-def compile_library(archs: str, build_dir: str) -> str:
+def compile_library(archs: str, build_dir: str, cuda_home: str) -> str:
     """Runs setup.py build_ext into ``build_dir``; returns the library's path."""
     log_path = os.path.join(build_dir, "build.log")
     shutil.rmtree(os.path.join(build_dir, "lib"), ignore_errors=True)
     os.makedirs(build_dir, exist_ok=True)
-    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=archs)
+    env = dict(os.environ, FORCE_CUDA="1", TORCH_CUDA_ARCH_LIST=archs, CUDA_HOME=cuda_home)
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     cmd = [sys.executable, "setup.py", "build_ext", "--build-temp", os.path.join(build_dir, "temp")]
     cmd += ["--build-lib", os.path.join(build_dir, "lib")]
@@ -98,11 +115,9 @@ def compiler_warnings(build_dir: str):
         return [line.rstrip() for line in f if WARNING.search(line)]
 
 
-def find_cuobjdump() -> str:
-    from torch.utils.cpp_extension import CUDA_HOME
-
+def find_cuobjdump(cuda_home) -> str:
     candidates = [shutil.which("cuobjdump")]
-    candidates += [os.path.join(CUDA_HOME, "bin", "cuobjdump")] if CUDA_HOME else []
+    candidates += [os.path.join(cuda_home, "bin", "cuobjdump")] if cuda_home else []
     for base in sys.path:
         candidates += glob.glob(os.path.join(base, "nvidia", "*", "bin", "cuobjdump"))
     for c in candidates:
@@ -111,9 +126,9 @@ def find_cuobjdump() -> str:
     raise BuildError("cuobjdump was not found: pip install nvidia-cuda-cuobjdump (or the toolkit's)")
 
 
-def compiled_archs(library: str):
+def compiled_archs(library: str, cuda_home=None):
     """(ELF archs, PTX archs) embedded in ``library``, as cuobjdump lists them."""
-    tool = find_cuobjdump()
+    tool = find_cuobjdump(cuda_home)
     listed = {}
     for kind in ("elf", "ptx"):
         out = subprocess.run([tool, f"--list-{kind}", library], capture_output=True, text=True)
@@ -124,15 +139,16 @@ def compiled_archs(library: str):
 def build(archs: str, build_dir: str) -> dict:
     """Checks the toolkit, compiles, and checks the result; returns what was built."""
     want_elf, want_ptx = parse_archs(archs)
-    nvcc, cuda = check_toolkit()
+    cuda_home = find_cuda_home()
+    nvcc, cuda = check_toolkit(cuda_home)
     print(f"build-cuda: nvcc {cuda} ({nvcc}), archs {archs} -> {build_dir}", flush=True)
     start = time.monotonic()
-    library = compile_library(archs, build_dir)
+    library = compile_library(archs, build_dir, cuda_home)
     seconds = time.monotonic() - start
     warnings = compiler_warnings(build_dir)
     if warnings:
         raise BuildError(f"the compiler printed {len(warnings)} warning(s):\n" + "\n".join(warnings))
-    elf, ptx = compiled_archs(library)
+    elf, ptx = compiled_archs(library, cuda_home)
     missing = sorted(set(want_elf) - set(elf)) + sorted(set(want_ptx) - set(ptx))
     if missing:
         raise BuildError(f"{library} lacks {', '.join(missing)} (it has ELF {elf}, PTX {ptx})")

@@ -89,6 +89,8 @@ def test_eval_only_in_bfloat16_writes_coco_results(tiny_data_root, tmp_path):
         "--config-file",
         TINY_CONFIG,
         "--eval-only",
+        "MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS",  # random weights: the dtype path is under test
+        True,
         "MODEL.ISDA.TEST.DTYPE",
         "bfloat16",
         "MODEL.ISDA.NUM_QUERIES",

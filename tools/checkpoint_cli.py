@@ -1,8 +1,13 @@
-"""Shared command line of tools/convert_deformable_detr.py and tools/convert_torchvision_resnet.py.
+"""Shared command line of tools/convert_deformable_detr.py and tools/convert_torchvision_resnet.py,
+and, run by itself, the writer of a model's weights as ``.safetensors`` (the format for sharing):
+
+    python tools/checkpoint_cli.py to-safetensors output/model_final.pth model.safetensors \
+        --config-file configs/ISDA-Demo.yaml
 
 The mapping tables and the conversion live in the installed package (``isda.conversion``); this
 file builds the target model from a config, parses arguments, prints the report and sets the exit
-status: 0 written, 1 problems and nothing written, 2 unreadable or unknown file.
+status: 0 written, 1 problems and nothing written, 2 unreadable or unknown file. A converter's
+output path ending in ``.safetensors`` is written in that format too.
 """
 
 import argparse
@@ -23,9 +28,12 @@ from isda.conversion import (
     save_converted,
     source_formats,
 )
-from isda.file_io import UnsafePickleError
+from isda.conversion.rules import SourceFormat
+from isda.weights import WeightsError, check_complete, save_safetensors
 
 Shape = Tuple[int, ...]
+# A checkpoint written by Detectron2's trainer (or any file with the model under "model").
+TRAINED_MODEL = SourceFormat("trained", "weights under 'model'", "model", "", [])
 
 
 def target_shapes_from_config(config_file: str, opts: Sequence[str] = ()) -> Dict[str, Shape]:
@@ -97,7 +105,7 @@ def main(argv: Sequence[str], formats: Sequence[str], description: str) -> int:
     args = argument_parser(formats, description).parse_args(argv)
     try:
         report, written = run_conversion(args, formats)
-    except (CheckpointFormatError, UnsafePickleError) as e:
+    except (CheckpointFormatError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.format(full=not args.quiet))
@@ -110,3 +118,38 @@ def main(argv: Sequence[str], formats: Sequence[str], description: str) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def to_safetensors(argv: Sequence[str]) -> int:
+    """``to-safetensors SOURCE OUTPUT [--config-file CFG] [KEY VALUE ...]``: writes the model
+    weights of SOURCE (any file MODEL.WEIGHTS reads) as OUTPUT.safetensors. With a config, the
+    file must hold every tensor of that model, with its shape. Exit status as for conversions."""
+    parser = argparse.ArgumentParser(prog="checkpoint_cli.py to-safetensors")
+    parser.add_argument("source", help="checkpoint whose 'model' weights are written")
+    parser.add_argument("output", help="the .safetensors file to write")
+    parser.add_argument("--config-file", help="refuse weights incomplete for this config's model")
+    parser.add_argument("--unsafe-pickle", action="store_true", help="trusted pickles only")
+    parser.add_argument("opts", nargs="*", help="config overrides: KEY VALUE ...")
+    args = parser.parse_intermixed_args(argv)
+    if not args.output.endswith(".safetensors"):
+        parser.error(f"output {args.output!r} must end in .safetensors")
+    try:
+        obj = load_source(args.source, allow_unsafe_pickle=True if args.unsafe_pickle else None)
+        state = extract_state_dict(obj, TRAINED_MODEL)
+        if args.config_file:
+            target = target_shapes_from_config(args.config_file, args.opts)
+            missing = [k for k in target if k not in state]
+            mismatched = [k for k in target if k in state and tuple(state[k].shape) != target[k]]
+            check_complete(args.source, list(target), missing, mismatched)
+        save_safetensors(state, args.output)
+    except (CheckpointFormatError, WeightsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"Wrote {len(state)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["to-safetensors"]:
+        sys.exit("usage: checkpoint_cli.py to-safetensors SOURCE OUTPUT [--config-file CFG]")
+    sys.exit(to_safetensors(sys.argv[2:]))

@@ -22,18 +22,19 @@ import os
 import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 import isda.data  # noqa: F401  (registers the synthetic datasets' metadata)
 from isda import add_isda_config
+from isda.engine import load_inference_weights
 from isda.export import ISDAExportModule
 from isda.export.formats import FORMATS, block_size, pad_canvas, takes_blocks
 from isda.export.inputs import load_images, make_batch
 from isda.export.sidecar import describe
 from isda.export.verify import verification_sizes, verify
+from isda.weights import WeightsError
 
 logger = logging.getLogger("isda.export")
 
@@ -105,7 +106,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = setup_cfg(args)
     model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        load_inference_weights(model, cfg)
+    except WeightsError as e:
+        logger.error("error: %s", e)
+        return 2
     module = ISDAExportModule(model)
     fmt = FORMATS[args.format]
     size = export_size(args, cfg, model.size_divisibility)

@@ -42,7 +42,7 @@ from isda.data.synthetic import (  # noqa: E402
     generate_synthetic_dataset,
     register_synthetic_datasets,
 )
-from isda.engine import SafeDetectionCheckpointer  # noqa: E402
+from isda.engine import load_inference_weights  # noqa: E402
 from isda.visualization import draw_ground_truth, draw_predictions, side_by_side  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,9 +164,7 @@ def train(cfg, retrain):
 def evaluate(cfg):
     """COCO evaluation of OUTPUT_DIR/model_final.pth on every DATASETS.TEST split."""
     model = DemoTrainer.build_model(cfg)
-    SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).load(
-        os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL)
-    )
+    load_inference_weights(model, cfg, os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL))
     evaluators = [
         COCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", name))
         for name in cfg.DATASETS.TEST

@@ -75,6 +75,8 @@ def add_isda_config(cfg):
     m.TEST.MASKNESS = True  # rescore by the mean probability inside the binary mask (SOLOv2)
     m.TEST.SCORE_THRESHOLD = 0.0  # drop detections scoring below this (0 keeps all for COCO AP)
     m.TEST.DTYPE = "float32"  # inference autocast: "float32" (off), "bfloat16", "float16" (CUDA)
+    # Inference (eval mode) on weights that leave tensors unloaded: refused unless True (isda.weights)
+    m.ALLOW_INCOMPLETE_WEIGHTS = False
 
     # Training augmentation (DETR recipe, the released config's train_pipeline): with probability
     # 1/2 the image is first resized (short side from CROP_PRE_RESIZE) and cropped (INPUT.CROP),

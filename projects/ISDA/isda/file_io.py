@@ -1,15 +1,10 @@
-"""The project's file policy: every file it writes appears whole or not at all, and every ``.pth``
-it reads is loaded as data, never as code.
+"""The project's file policy for writing: every file it writes appears whole or not at all.
+(Reading weights has its own owner, :mod:`isda.weights`.)
 
 Writing: :func:`atomic_open` writes to a hidden temporary beside the target, flushes and fsyncs it,
 renames it over the target (``os.replace`` is atomic on POSIX) and fsyncs the directory, so a
 ``kill -9`` or a power loss leaves either the old or the new complete file, plus at worst a
 temporary that :func:`stale_temporaries` finds.
-
-Reading: :func:`load_weights` is ``torch.load(weights_only=True)``. Checkpoints of this project,
-Detectron2 training checkpoints and the converters' outputs hold only tensors, numbers and plain
-containers. A file that pickles anything else is refused with one message, unless the caller or
-``ISDA_UNSAFE_PICKLE=1`` says the file is trusted (README "Security").
 """
 
 from __future__ import annotations
@@ -17,21 +12,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import pickle
-from typing import IO, Iterator, List, Optional
+from typing import IO, Iterator, List
 
-import torch
+__all__ = ["atomic_open", "stale_temporaries"]
 
-__all__ = [
-    "UNSAFE_PICKLE_ENV",
-    "UnsafePickleError",
-    "atomic_open",
-    "load_weights",
-    "stale_temporaries",
-    "unsafe_pickle_allowed",
-]
-
-UNSAFE_PICKLE_ENV = "ISDA_UNSAFE_PICKLE"
 _TMP_MARK = ".tmp-"
 
 
@@ -71,42 +55,3 @@ def stale_temporaries(directory: str) -> List[str]:
     """Temporaries of :func:`atomic_open` in ``directory``: left by a killed writer, incomplete by
     construction. Only call this when no other process is writing there."""
     return sorted(glob.glob(os.path.join(directory, f".*{_TMP_MARK}*")))
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """A file needs pickle (which can run code) and the caller did not say it is trusted."""
-
-
-def unsafe_pickle_allowed(allow: Optional[bool] = None) -> bool:
-    """``allow`` if given, else whether ``ISDA_UNSAFE_PICKLE=1`` is set in the environment."""
-    if allow is None:
-        return os.environ.get(UNSAFE_PICKLE_ENV, "") == "1"
-    return bool(allow)
-
-
-def load_weights(path: str, allow_unsafe_pickle: Optional[bool] = None):
-    """``torch.load(path)`` on CPU with ``weights_only=True`` unless :func:`unsafe_pickle_allowed`.
-
-    Raises:
-        UnsafePickleError: the file pickles objects other than tensors and plain containers.
-    """
-    unsafe = unsafe_pickle_allowed(allow_unsafe_pickle)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not unsafe)
-    except pickle.UnpicklingError as e:
-        if unsafe:
-            raise
-        raise UnsafePickleError(
-            f"{path}: torch.load(weights_only=True) refused this file because it pickles Python "
-            "objects besides tensors, and unpickling can run code. If you trust the file, pass "
-            f"--unsafe-pickle (train_net.py, tools/convert_*.py) or set {UNSAFE_PICKLE_ENV}=1. "
-            "Or keep only its weights, once, on a machine you trust:\n"
-            "  python -c \"import torch; c = torch.load('IN.pth', map_location='cpu', "
-            "weights_only=False); torch.save({'model': c['model']}, 'OUT.pth')\"\n"
-            "See README 'Security'. torch said: " + _first_line(e)
-        ) from e
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__

@@ -1,5 +1,5 @@
-"""Reading source checkpoints and writing converted ones, under the project's file policy
-(:mod:`isda.file_io`: ``weights_only`` loading, atomic writes)."""
+"""Reading source checkpoints and writing converted ones: reading through :mod:`isda.weights`
+(no pickled code), writing atomically (:mod:`isda.file_io`), as ``.pth`` or ``.safetensors``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..file_io import atomic_open, load_weights
+from ..file_io import atomic_open
+from ..weights import read_checkpoint, save_safetensors
 from .formats import source_formats
 from .report import ConversionReport
 from .rules import SourceFormat
@@ -30,14 +31,15 @@ class CheckpointFormatError(RuntimeError):
 
 
 def load_source(path: str, allow_unsafe_pickle: Optional[bool] = None) -> dict:
-    """The dict stored in ``path``, loaded with :func:`isda.file_io.load_weights`.
+    """The dict stored in ``path``, read by :func:`isda.weights.read_checkpoint`.
 
     Raises:
-        isda.file_io.UnsafePickleError: the file pickles objects and is not marked trusted (the
+        isda.weights.UnsafePickleError: the file pickles objects and is not marked trusted (the
             original Deformable DETR release pickles its training ``args``).
+        isda.weights.BadWeightsFileError: missing, empty, truncated or not a checkpoint.
         CheckpointFormatError: the file does not hold a dict.
     """
-    obj = load_weights(path, allow_unsafe_pickle=allow_unsafe_pickle)
+    obj = read_checkpoint(path, allow_unsafe_pickle=allow_unsafe_pickle)
     if not isinstance(obj, dict):
         raise CheckpointFormatError(f"{path}: expected a dict, got {type(obj).__name__}")
     return obj
@@ -81,8 +83,13 @@ def detect_format(obj: dict) -> SourceFormat:
 
 def save_converted(path: str, state: Dict[str, torch.Tensor], report: ConversionReport) -> None:
     """Writes a file that ``MODEL.WEIGHTS`` / DetectionCheckpointer loads by exact key names
-    (``matching_heuristics`` False, so no name guessing happens at load time)."""
+    (``matching_heuristics`` False, so no name guessing happens at load time). A path ending in
+    ``.safetensors`` is written in that format (tensors only; the report stays in the log)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".safetensors"):
+        save_safetensors(state, path)
+        logger.info("Wrote %d tensors to %s", len(state), path)
+        return
     payload = {
         "model": state,
         "__author__": f"isda.conversion ({report.source_format})",

@@ -1,10 +1,10 @@
-"""Run-time safety for long training runs: atomic checkpoints, non-finite-loss stops, accounting
+"""Run-time safety for long training runs: atomic checkpoints, complete weights for inference, non-finite-loss stops, accounting
 for skipped data (README "Failure behaviour"), and CPU multi-process training."""
 
 from .cpu_ddp import cpu_ddp_without_device_ids
 from .data_issues import DataIssueCounter, DataIssueLogger, SkippedImageFilter
 from .loss_check import FiniteLossCheck, check_finite_losses
-from .safe_checkpoint import SafeDetectionCheckpointer
+from .safe_checkpoint import SafeDetectionCheckpointer, load_inference_weights
 
 __all__ = [
     "DataIssueCounter",
@@ -13,5 +13,6 @@ __all__ = [
     "SafeDetectionCheckpointer",
     "SkippedImageFilter",
     "check_finite_losses",
+    "load_inference_weights",
     "cpu_ddp_without_device_ids",
 ]

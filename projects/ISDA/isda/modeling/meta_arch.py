@@ -64,6 +64,8 @@ class ISDA(nn.Module):
         test_score_threshold: float,
         channels_last: bool,
         test_dtype: str,
+        weights_source: str = "",
+        allow_incomplete_weights: bool = False,
     ):
         super().__init__()
         self.backbone, self.neck, self.transformer = backbone, neck, transformer
@@ -82,6 +84,9 @@ class ISDA(nn.Module):
         self.test_max_per_image, self.test_mask_threshold = test_max_per_image, test_mask_threshold
         self.test_maskness, self.test_score_threshold = test_maskness, test_score_threshold
         self.test_dtype = getattr(torch, test_dtype)
+        # Named by the refusal in load_state_dict: the file DefaultPredictor loads.
+        self.weights_source = weights_source
+        self.allow_incomplete_weights = allow_incomplete_weights
         # Channels-last lets oneDNN (CPU) and cuDNN pick faster convolution kernels; the
         # transformer reads the maps as (B, HW, C) tokens, which is then a free view.
         self.channels_last = channels_last
@@ -165,7 +170,31 @@ class ISDA(nn.Module):
             "test_score_threshold": m.TEST.SCORE_THRESHOLD,
             "channels_last": m.CHANNELS_LAST,
             "test_dtype": m.TEST.DTYPE,
+            "weights_source": cfg.MODEL.WEIGHTS,
+            "allow_incomplete_weights": m.ALLOW_INCOMPLETE_WEIGHTS,
         }
+
+    def load_state_dict(self, state_dict, strict: bool = True, **kwargs):
+        """``nn.Module.load_state_dict`` whose ``missing_keys`` lists every tensor of the model
+        that ``state_dict`` does not provide, and that, in eval mode, refuses such weights unless
+        ``MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS`` (:func:`isda.weights.check_complete`).
+
+        Detectron2's FrozenBatchNorm2d fills absent running statistics with defaults and does not
+        report them, so the missing keys are counted here by name. Detectron2's
+        ``DefaultPredictor`` calls ``model.eval()`` and then loads with ``strict=False`` (shape
+        mismatches arrive here as missing keys): this is where inference through it learns that
+        the weights were incomplete. Training (train mode) loads partial weights, e.g. a backbone
+        initialisation, as usual.
+        """
+        result = super().load_state_dict(state_dict, strict=strict, **kwargs)
+        own = list(self.state_dict())
+        reported = set(result.missing_keys)
+        result.missing_keys.extend(k for k in own if k not in state_dict and k not in reported)
+        if not self.training and not self.allow_incomplete_weights:
+            from ..weights import check_complete
+
+            check_complete(self.weights_source or "the loaded weights", own, result.missing_keys)
+        return result
 
     @property
     def device(self) -> torch.device:
