@@ -277,7 +277,9 @@ def test_coco91_to_80_mapping():
 
 
 def _load_converted(path, *opts):
-    model = build(*SMALL, *opts)
+    # A converted file is a training initialisation (neck P2, MFR head and kernel FFN stay at
+    # their init): it is loaded as training loads it, in train mode.
+    model = build(*SMALL, *opts).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert ckpt["matching_heuristics"] is False
