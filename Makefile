@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # make build-cuda: the GPU architectures compiled (A100, H100/H200, B200, RTX 50; PTX of the newest).
 CUDA_ARCHS ?= 8.0;9.0;10.0;12.0+PTX
 
-.PHONY: setup test demo lock build-cuda
+.PHONY: setup test demo lock build-cuda gpu-check
 
 setup:
 	@bash scripts/setup_env.sh $(STACK)
@@ -31,3 +31,8 @@ lock: setup
 # isda._C with its CUDA kernels for CUDA_ARCHS, into build/cuda (no GPU needed; the venv is untouched).
 build-cuda: setup
 	$(PY) scripts/build_cuda.py --archs "$(CUDA_ARCHS)" --build-dir build/cuda
+
+# On a GPU machine: build with CUDA, isda.check, CUDA tests, benchmarks, AMP training, export; logs
+# and a summary under $OUT (default gpu_check_out). GPU_CHECK_DRY=1 runs it on CPU at tiny sizes.
+gpu-check:
+	PYTHON=$(PY) bash scripts/gpu_check.sh

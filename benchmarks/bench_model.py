@@ -49,7 +49,7 @@ from collections import defaultdict
 from typing import Callable, Dict, List
 
 import torch
-from detectron2 import model_zoo
+import detectron2
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling import build_model
@@ -98,7 +98,11 @@ def build_isda(device: str, *opts) -> torch.nn.Module:
 
 
 def build_mask_rcnn(device: str) -> torch.nn.Module:
-    cfg = model_zoo.get_config(MASK_RCNN_CONFIG)
+    # The YAML ships inside the detectron2 package; detectron2.model_zoo would find it with
+    # pkg_resources, which setuptools >= 81 no longer provides.
+    zoo = os.path.join(os.path.dirname(detectron2.__file__), "model_zoo", "configs")
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(zoo, MASK_RCNN_CONFIG))
     cfg.merge_from_list(
         ["MODEL.WEIGHTS", "", "MODEL.DEVICE", device, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
     )

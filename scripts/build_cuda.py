@@ -115,27 +115,6 @@ def compiler_warnings(build_dir: str):
         return [line.rstrip() for line in f if WARNING.search(line)]
 
 
-def find_cuobjdump(cuda_home) -> str:
-    candidates = [shutil.which("cuobjdump")]
-    candidates += [os.path.join(cuda_home, "bin", "cuobjdump")] if cuda_home else []
-    for base in sys.path:
-        candidates += glob.glob(os.path.join(base, "nvidia", "*", "bin", "cuobjdump"))
-    for c in candidates:
-        if c and os.path.isfile(c):
-            return c
-    raise BuildError("cuobjdump was not found: pip install nvidia-cuda-cuobjdump (or the toolkit's)")
-
-
-def compiled_archs(library: str, cuda_home=None):
-    """(ELF archs, PTX archs) embedded in ``library``, as cuobjdump lists them."""
-    tool = find_cuobjdump(cuda_home)
-    listed = {}
-    for kind in ("elf", "ptx"):
-        out = subprocess.run([tool, f"--list-{kind}", library], capture_output=True, text=True)
-        listed[kind] = sorted(set(re.findall(r"\.((?:sm|compute)_\d+a?)\.", out.stdout)))
-    return listed["elf"], listed["ptx"]
-
-
 def build(archs: str, build_dir: str) -> dict:
     """Checks the toolkit, compiles, and checks the result; returns what was built."""
     want_elf, want_ptx = parse_archs(archs)
@@ -148,10 +127,16 @@ def build(archs: str, build_dir: str) -> dict:
     warnings = compiler_warnings(build_dir)
     if warnings:
         raise BuildError(f"the compiler printed {len(warnings)} warning(s):\n" + "\n".join(warnings))
-    elf, ptx = compiled_archs(library, cuda_home)
-    missing = sorted(set(want_elf) - set(elf)) + sorted(set(want_ptx) - set(ptx))
+    from isda.check import compiled_cuda_archs
+
+    archs = compiled_cuda_archs(library, cuda_home)
+    if archs is None:
+        raise BuildError("cuobjdump was not found: pip install nvidia-cuda-cuobjdump")
+    missing = sorted(set(want_elf + want_ptx) - set(archs))
     if missing:
-        raise BuildError(f"{library} lacks {', '.join(missing)} (it has ELF {elf}, PTX {ptx})")
+        raise BuildError(f"{library} lacks {', '.join(missing)} (it has {', '.join(archs)})")
+    elf = [a for a in archs if a.startswith("sm_")]
+    ptx = [a for a in archs if a.startswith("compute_")]
     return {"library": library, "elf": elf, "ptx": ptx, "seconds": seconds}
 
 

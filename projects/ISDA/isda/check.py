@@ -77,20 +77,23 @@ def _detectron2_c() -> str:
         return f"absent ({str(e).splitlines()[0][:80]}); pycocotools evaluation, as designed"
 
 
-def _cuobjdump() -> Optional[str]:
+def find_cuobjdump(cuda_home: Optional[str] = None) -> Optional[str]:
+    """cuobjdump on PATH, in ``cuda_home`` (default: torch's CUDA_HOME), or from the
+    ``nvidia-cuda-cuobjdump`` wheel; None when there is none."""
     from torch.utils.cpp_extension import CUDA_HOME
 
+    cuda_home = cuda_home or CUDA_HOME
     found = [shutil.which("cuobjdump")]
-    found += [os.path.join(CUDA_HOME, "bin", "cuobjdump")] if CUDA_HOME else []
+    found += [os.path.join(cuda_home, "bin", "cuobjdump")] if cuda_home else []
     for base in sys.path:
         found += [os.path.join(base, "nvidia", sub, "bin", "cuobjdump") for sub in ("cu13", "cu12")]
     return next((f for f in found if f and os.path.isfile(f)), None)
 
 
-def compiled_cuda_archs(library: str) -> Optional[List[str]]:
+def compiled_cuda_archs(library: str, cuda_home: Optional[str] = None) -> Optional[List[str]]:
     """The sm_XX of the cubins and compute_XX of the PTX in ``library``, None when cuobjdump is not
-    available to read them."""
-    tool = _cuobjdump()
+    available to read them. (cuobjdump names a PTX file after its arch as sm_XX too.)"""
+    tool = find_cuobjdump(cuda_home)
     if tool is None:
         return None
     archs = []
