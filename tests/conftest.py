@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny generated dataset, the tiny CPU config, and a runner for train_net.py."""
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,6 +35,14 @@ def tiny_data_root(tmp_path_factory) -> Path:
     register_synthetic_datasets(str(root), splits=["train", "val"])
     os.environ["DETECTRON2_DATASETS"] = str(base)
     return base
+
+
+def load_script(path: Path):
+    """A repository script (not a package module) imported by its path, as a module object."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(*opts):

@@ -2,22 +2,18 @@
 and a machine without the matching nvcc gets one clear message instead of a compiler error. The
 compile itself runs in CI as `make build-cuda` (.ci/run), which reads the built archs back."""
 
-import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "build_cuda.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("build_cuda", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_arch_list_names_elf_and_ptx_targets():

@@ -4,7 +4,6 @@ repacked as a pure wheel without _C; `pip install --no-build-isolation -e .` int
 that already has torch and Detectron2 adds only isda."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import zipfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_script
 
 SCRIPT = REPO / "scripts" / "setup_env.sh"
 
@@ -26,13 +25,6 @@ SCRIPT = REPO / "scripts" / "setup_env.sh"
 WHEEL_SCRIPT = REPO / "scripts" / "detectron2_wheel.py"
 # Stack name -> its virtual environment, as scripts/setup_env.sh makes them.
 STACK_VENVS = {"default": REPO / ".venv", "oldest": REPO / ".venv-oldest"}
-
-
-def _load_wheel_script():
-    spec = importlib.util.spec_from_file_location("detectron2_wheel", WHEEL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _running_stack():
@@ -110,7 +102,7 @@ def test_a_corrupted_download_is_refused(tmp_path):
 
 def test_the_pinned_file_becomes_a_pure_wheel_without_its_extension(tmp_path):
     source = _pinned_wheel()
-    script = _load_wheel_script()
+    script = load_script(WHEEL_SCRIPT)
     pure = Path(script.pure_wheel(str(tmp_path), str(source)))
     assert pure.name == "sal_detectron2-0.7.2-py3-none-any.whl"
     with zipfile.ZipFile(source) as z:

@@ -204,15 +204,20 @@ def test_a_backbone_only_checkpoint_still_starts_training(files, tiny_data_root,
     assert (tmp_path / "model_final.pth").is_file(), proc.stdout[-2000:]
 
 
-def test_safetensors_round_trip_gives_identical_outputs(files, tmp_path):
+def _to_safetensors(source, out):
+    """tools/checkpoint_cli.py to-safetensors SOURCE OUT, checked against the tiny config."""
     cli = REPO / "tools" / "checkpoint_cli.py"
-    out = tmp_path / "model.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(cli), "to-safetensors", str(files / "good.pth"), str(out)]
+    return subprocess.run(
+        [sys.executable, str(cli), "to-safetensors", str(source), str(out)]
         + ["--config-file", str(TINY_CONFIG)],
         capture_output=True,
         text=True,
     )
+
+
+def test_safetensors_round_trip_gives_identical_outputs(files, tmp_path):
+    out = tmp_path / "model.safetensors"
+    proc = _to_safetensors(files / "good.pth", out)
     assert proc.returncode == 0, proc.stderr
     image = np.random.default_rng(1).integers(0, 255, (64, 80, 3), np.uint8)
     outputs = []
@@ -225,14 +230,8 @@ def test_safetensors_round_trip_gives_identical_outputs(files, tmp_path):
 
 
 def test_safetensors_writer_refuses_weights_incomplete_for_the_config(files, tmp_path):
-    cli = REPO / "tools" / "checkpoint_cli.py"
     out = tmp_path / "half.safetensors"
-    proc = subprocess.run(
-        [sys.executable, str(cli), "to-safetensors", str(files / "half.pth"), str(out)]
-        + ["--config-file", str(TINY_CONFIG)],
-        capture_output=True,
-        text=True,
-    )
+    proc = _to_safetensors(files / "half.pth", out)
     assert proc.returncode == 2 and str(files / "half.pth") in proc.stderr
     assert "Traceback" not in proc.stderr and not out.exists()
 

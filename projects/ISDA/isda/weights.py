@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import warnings
 import zipfile
 from typing import Dict, Optional, Sequence, Tuple
@@ -180,9 +181,17 @@ _DAMAGE = (
 )
 
 
-def _unsafe_global_refusal(error: Exception) -> bool:
-    """Whether torch's weights_only refusal is about a pickled global (code), not damage."""
-    return "GLOBAL" in str(error) or "Unsupported global" in str(error)
+# How torch's weights_only unpickler names a pickled class or function it refuses: "Unsupported
+# global: GLOBAL mod.name" or, for blocked modules such as os, "unsupported GLOBAL mod.name"
+# (torch 2.14); "Unsupported class mod.name" (torch 2.3).
+_REFUSED_GLOBAL = re.compile(r"(?:[Uu]nsupported (?:global: )?GLOBAL|Unsupported class) ([\w.]+)")
+
+
+def _refused_global(error: Exception) -> Optional[str]:
+    """The class or function that torch's weights_only refusal names (code, not damage), or
+    None when the refusal is about something else."""
+    match = _REFUSED_GLOBAL.search(str(error))
+    return match.group(1) if match else None
 
 
 def _read_torch(path: str, unsafe: bool):
@@ -191,9 +200,9 @@ def _read_torch(path: str, unsafe: bool):
     try:
         return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as e:
-        if not unsafe and _unsafe_global_refusal(e):
-            detail = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "global" in ln]
-            raise _refused(path, detail[0].strip() if detail else "torch refused it") from e
+        refused = None if unsafe else _refused_global(e)
+        if refused:
+            raise _refused(path, f"it needs {refused}") from e
         raise _damaged(path, e) from e
     except _DAMAGE as e:
         raise _damaged(path, e) from e
