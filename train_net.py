@@ -22,7 +22,7 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.engine.hooks import EvalHook, PeriodicCheckpointer, PeriodicWriter
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -38,8 +38,9 @@ from isda.engine import (
     cpu_ddp_without_device_ids,
     load_inference_weights,
 )
-from isda.weights import UNSAFE_PICKLE_ENV, WeightsError
+from isda.evaluation import ISDACOCOEvaluator
 from isda.solver import build_isda_optimizer
+from isda.weights import UNSAFE_PICKLE_ENV, WeightsError
 
 
 class Trainer(DefaultTrainer):
@@ -92,7 +93,7 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         # Boxes are derived from the masks, so bbox AP is reported beside segm AP.
-        return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
+        return ISDACOCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
 
 
 def setup(args):

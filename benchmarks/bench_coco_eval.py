@@ -97,7 +97,9 @@ def main(argv=None) -> None:
             seconds, stats = evaluate(classes, args.gt, args.results, iou_type, args.repeats)
             rows.append((name, iou_type, seconds, stats))
     reference = {t: s for n, t, _, s in rows if n == "pycocotools"}
-    print("| evaluator | type | seconds (median) | AP | AP50 | AP75 | max abs AP diff vs pycocotools |")
+    print(
+        "| evaluator | type | seconds (median) | AP | AP50 | AP75 | max abs AP diff vs pycocotools |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, iou_type, seconds, stats in rows:
         diff = max(abs(a - b) for a, b in zip(stats, reference[iou_type]))

@@ -49,7 +49,8 @@ def parse_archs(spec: str):
 
 def _is_toolkit(path) -> bool:
     return bool(path) and all(
-        os.path.isfile(os.path.join(path, *part)) for part in (("bin", "nvcc"), ("include", "cuda.h"))
+        os.path.isfile(os.path.join(path, *part))
+        for part in (("bin", "nvcc"), ("include", "cuda.h"))
     )
 
 
@@ -70,7 +71,9 @@ def check_toolkit(cuda_home):
     import torch
 
     if torch.version.cuda is None:
-        raise BuildError(f"torch {torch.__version__} is a CPU-only build: it has no CUDA to build for")
+        raise BuildError(
+            f"torch {torch.__version__} is a CPU-only build: it has no CUDA to build for"
+        )
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     if not nvcc or not os.path.isfile(nvcc):
         raise BuildError(
@@ -126,7 +129,9 @@ def build(archs: str, build_dir: str) -> dict:
     seconds = time.monotonic() - start
     warnings = compiler_warnings(build_dir)
     if warnings:
-        raise BuildError(f"the compiler printed {len(warnings)} warning(s):\n" + "\n".join(warnings))
+        raise BuildError(
+            f"the compiler printed {len(warnings)} warning(s):\n" + "\n".join(warnings)
+        )
     from isda.check import compiled_cuda_archs
 
     archs = compiled_cuda_archs(library, cuda_home)

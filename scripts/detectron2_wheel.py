@@ -100,7 +100,9 @@ def _rewrite(name: str, data: bytes) -> bytes:
         ]
         text = "\n".join(lines + ["Root-Is-Purelib: true", "Tag: py3-none-any"]) + "\n"
     elif name == f"{DIST_INFO}/METADATA":
-        text = "".join(ln for ln in text.splitlines(True) if ln.rstrip() not in DROPPED_REQUIREMENTS)
+        text = "".join(
+            ln for ln in text.splitlines(True) if ln.rstrip() not in DROPPED_REQUIREMENTS
+        )
     return text.encode()
 
 
@@ -116,7 +118,10 @@ def repack(source: str, dest_dir: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=dest_dir, suffix=".part")
     os.close(fd)
     try:
-        with zipfile.ZipFile(source) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout:
+        with (
+            zipfile.ZipFile(source) as zin,
+            zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zout,
+        ):
             names = zin.namelist()
             if not any(_is_extension(n) for n in names) or record_name not in names:
                 raise WheelError(f"{source}: not the expected sal-detectron2 wheel layout")

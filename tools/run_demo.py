@@ -6,7 +6,7 @@ Steps, each skipped when its result already exists:
   2. train configs/ISDA-Demo.yaml with train_net.py's Trainer (progress and ETA in the log; AP is
      measured every TEST.EVAL_PERIOD iterations); skipped if OUTPUT_DIR/model_final.pth exists,
      unless --retrain;
-  3. evaluate the final model on the val split with COCOEvaluator;
+  3. evaluate the final model on the val split with COCOEvaluator (isda.evaluation);
   4. write ground truth | prediction PNGs for a few val images, and a PNG of the training loss and
      AP against iteration (from OUTPUT_DIR/metrics.json);
   5. print the AP table, the wall time of each step, the machine and the paths written.
@@ -34,7 +34,6 @@ import torch  # noqa: E402
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor, default_argument_parser  # noqa: E402
-from detectron2.evaluation import COCOEvaluator  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from isda.data.synthetic import (  # noqa: E402
@@ -43,6 +42,7 @@ from isda.data.synthetic import (  # noqa: E402
     register_synthetic_datasets,
 )
 from isda.engine import load_inference_weights  # noqa: E402
+from isda.evaluation import ISDACOCOEvaluator  # noqa: E402
 from isda.visualization import draw_ground_truth, draw_predictions, side_by_side  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,7 +166,7 @@ def evaluate(cfg):
     model = DemoTrainer.build_model(cfg)
     load_inference_weights(model, cfg, os.path.join(cfg.OUTPUT_DIR, FINAL_MODEL))
     evaluators = [
-        COCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", name))
+        ISDACOCOEvaluator(name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference", name))
         for name in cfg.DATASETS.TEST
     ]
     return DemoTrainer.test(cfg, model, evaluators=evaluators)

@@ -119,7 +119,7 @@ def _refused(path: str, detail: str) -> UnsafePickleError:
         f"{path}: refused, because it pickles Python objects besides tensors and plain "
         f"containers, and unpickling them can run code ({detail}). If you trust the file, pass "
         f"--unsafe-pickle or set {UNSAFE_PICKLE_ENV}=1; better, keep only its weights, once, on a "
-        "machine you trust, as .safetensors (docs/TRAINING.md \"Weights\")."
+        'machine you trust, as .safetensors (docs/TRAINING.md "Weights").'
     )
 
 
@@ -176,8 +176,17 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
 # What torch.load raises on bytes that are not a whole checkpoint (its unpicklers read garbage
 # as opcodes, so the error depends on the bytes).
 _DAMAGE = (
-    RuntimeError, EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError,
-    MemoryError, OverflowError, zipfile.BadZipFile, OSError,
+    RuntimeError,
+    EOFError,
+    KeyError,
+    ValueError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    MemoryError,
+    OverflowError,
+    zipfile.BadZipFile,
+    OSError,
 )
 
 
@@ -327,4 +336,3 @@ def protect_detectron2_checkpointer() -> None:
     _load_file._isda_safe = True
     DetectionCheckpointer._load_file = _load_file
     DetectionCheckpointer._torch_load = _torch_load
-
