@@ -27,7 +27,8 @@ from PIL import UnidentifiedImageError
 import isda.data  # noqa: F401  (registers the synthetic datasets, whose metadata names classes)
 from isda import add_isda_config
 from isda.visualization import draw_predictions
-from isda.weights import WeightsError, check_weights_path
+from isda.engine import inference_weights_given
+from isda.weights import WeightsError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 logger = logging.getLogger("isda.demo")
@@ -69,15 +70,6 @@ def setup_cfg(args):
         cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
     return cfg
-
-
-def check_weights(cfg) -> None:
-    """Refuses, before any model is built, a MODEL.WEIGHTS that cannot be trained weights. The
-    predictor then refuses unsafe or incomplete files itself (isda.weights)."""
-    if cfg.MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS and not cfg.MODEL.WEIGHTS:
-        logger.warning("MODEL.WEIGHTS is empty: predictions come from an untrained model")
-    elif "://" not in cfg.MODEL.WEIGHTS:
-        check_weights_path(cfg.MODEL.WEIGHTS)
 
 
 def expand_inputs(patterns):
@@ -131,7 +123,9 @@ def run(args):
     files, failed = expand_inputs(args.input)
     for pattern in failed:
         logger.error("No such file, folder or matching image: %s", pattern)
-    check_weights(cfg)
+    # A bad MODEL.WEIGHTS is refused before any model is built; the predictor then refuses
+    # unsafe or incomplete files itself (isda.weights).
+    inference_weights_given(cfg, cfg.MODEL.WEIGHTS)
     predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
     metadata = MetadataCatalog.get(dataset)

@@ -4,7 +4,11 @@ for skipped data (README "Failure behaviour"), and CPU multi-process training.""
 from .cpu_ddp import cpu_ddp_without_device_ids
 from .data_issues import DataIssueCounter, DataIssueLogger, SkippedImageFilter
 from .loss_check import FiniteLossCheck, check_finite_losses
-from .safe_checkpoint import SafeDetectionCheckpointer, load_inference_weights
+from .safe_checkpoint import (
+    SafeDetectionCheckpointer,
+    inference_weights_given,
+    load_inference_weights,
+)
 
 __all__ = [
     "DataIssueCounter",
@@ -13,6 +17,7 @@ __all__ = [
     "SafeDetectionCheckpointer",
     "SkippedImageFilter",
     "check_finite_losses",
+    "inference_weights_given",
     "load_inference_weights",
     "cpu_ddp_without_device_ids",
 ]

@@ -26,7 +26,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from ..file_io import atomic_open, stale_temporaries
 from ..weights import check_complete, check_weights_path, unsafe_pickle_allowed
 
-__all__ = ["SafeDetectionCheckpointer", "load_inference_weights"]
+__all__ = ["SafeDetectionCheckpointer", "inference_weights_given", "load_inference_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
         if self.require_complete:
             # fvcore drops mismatched tensors before loading, so they are among the missing too.
             mismatched = [name for name, *_ in incompatible.incorrect_shapes]
-            missing = [k for k in incompatible.missing_keys if k not in set(mismatched)]
+            shape_errors = set(mismatched)
+            missing = [k for k in incompatible.missing_keys if k not in shape_errors]
             check_complete(self._loading, list(self.model.state_dict()), missing, mismatched)
         return incompatible
 
@@ -121,13 +122,22 @@ def load_inference_weights(model, cfg, path: Optional[str] = None) -> None:
         isda.weights.WeightsError: the file is missing, unreadable, refused or incomplete.
     """
     path = cfg.MODEL.WEIGHTS if path is None else path
-    allow = cfg.MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS
-    if not path and allow:
+    if inference_weights_given(cfg, path):
+        require = not cfg.MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS
+        SafeDetectionCheckpointer(model, require_complete=require).load(path)
+
+
+def inference_weights_given(cfg, path: str) -> bool:
+    """Whether inference has a weights file to load: False for an empty ``path`` that
+    ``MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS`` admits (random weights, with a warning). Raises
+    :class:`isda.weights.BadWeightsFileError` for an empty path otherwise, and for a local path
+    that cannot hold weights, before any file is read."""
+    if not path and cfg.MODEL.ISDA.ALLOW_INCOMPLETE_WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: inference runs on random weights")
-        return
+        return False
     if _is_local(path):
         check_weights_path(path)
-    SafeDetectionCheckpointer(model, require_complete=not allow).load(path)
+    return True
 
 
 def _is_local(path: str) -> bool:
